@@ -181,7 +181,7 @@ Tensor Tensor::to(DType dtype) const {
 
 std::vector<float> Tensor::to_vector() const {
   checked(dtype_size(dtype_));
-  std::vector<float> out(size_t(numel_));
+  std::vector<float> out(static_cast<size_t>(numel_));
   for (int64_t i = 0; i < numel_; ++i) out[size_t(i)] = load_as_f32(data_, dtype_, i);
   return out;
 }

@@ -1,0 +1,197 @@
+// The vision towers: timm's VisionTransformer as Prismatic runs it (features from block
+// depth-2, no final norm, prefix tokens dropped).
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "model/weight_lookup.h"
+#include "moxin/errors.h"
+#include "moxin/model.h"
+#include "ops/ops.h"
+
+namespace moxin {
+
+namespace {
+
+// images [B, S, S, 3] NHWC -> patches [B * N, 3 * P * P], each patch flattened in the conv
+// weight's (c, kh, kw) order so the patch conv becomes one matrix product.
+Tensor extract_patches(const Tensor& images, int64_t patch) {
+  const int64_t B = images.dim(0), S = images.dim(1), G = S / patch;
+  Tensor out = Tensor::empty({B * G * G, 3 * patch * patch});
+  const float* src = images.data<float>();
+  float* dst = out.data_mut<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t gy = 0; gy < G; ++gy)
+      for (int64_t gx = 0; gx < G; ++gx) {
+        float* row = dst + ((b * G + gy) * G + gx) * 3 * patch * patch;
+        for (int64_t c = 0; c < 3; ++c)
+          for (int64_t ky = 0; ky < patch; ++ky)
+            for (int64_t kx = 0; kx < patch; ++kx)
+              row[(c * patch + ky) * patch + kx] =
+                  src[((b * S + gy * patch + ky) * S + gx * patch + kx) * 3 + c];
+      }
+  return out;
+}
+
+// x = x + ls(y), LayerScale when present.
+void residual(Tensor& x, const Tensor& y, const Tensor& layer_scale) {
+  if (layer_scale.defined()) {
+    ops::add_scaled_inplace(x, y, layer_scale);
+  } else {
+    ops::add_inplace(x, y);
+  }
+}
+
+Tensor block_forward(const ViTBlock& block, const Tensor& x_in, int64_t heads) {
+  Tensor x = x_in;  // [B, T, D]
+  Tensor attn = ops::self_attention_qkv(ops::linear(ops::layer_norm(x, block.norm1), block.attn.qkv), heads);
+  residual(x, ops::linear(attn, block.attn.proj), block.ls1);
+  Tensor hidden = ops::linear(ops::layer_norm(x, block.norm2), block.mlp.fc1);
+  ops::gelu_inplace(hidden);
+  residual(x, ops::linear(hidden, block.mlp.fc2), block.ls2);
+  return x;
+}
+
+}  // namespace
+
+Tensor ViTEncoder::forward(const Tensor& images) const {
+  const int64_t S = config.image_size, D = config.embed_dim, N = config.num_patches();
+  if (images.ndim() != 4 || images.dim(1) != S || images.dim(2) != S || images.dim(3) != 3 ||
+      images.dtype() != DType::F32)
+    throw_error(ErrorKind::Request, "vision tower expects float32 images [B, " +
+                                        std::to_string(S) + ", " + std::to_string(S) +
+                                        ", 3], got " + shape_to_string(images.shape()));
+  const int64_t B = images.dim(0);
+  const int64_t prefix = config.num_prefix_tokens();
+  const int64_t T = prefix + N;
+
+  Tensor patches = ops::linear(extract_patches(images, config.patch_size), patch_embed);  // [B*N, D]
+  // Positions are added to the patches only; cls and registers go in front afterwards.
+  Tensor x = Tensor::empty({B, T, D});
+  float* dst = x.data_mut<float>();
+  const float* pos = pos_embed.data<float>();
+  const float* p = patches.data<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    float* seq = dst + b * T * D;
+    int64_t row = 0;
+    if (config.has_cls_token)
+      std::copy_n(cls_token.data<float>(), D, seq + D * row++);
+    for (int64_t r = 0; r < config.num_registers; ++r)
+      std::copy_n(reg_token.data<float>() + r * D, D, seq + D * row++);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t d = 0; d < D; ++d) seq[(row + n) * D + d] = p[(b * N + n) * D + d] + pos[n * D + d];
+  }
+
+  for (int64_t i = 0; i <= config.feature_block(); ++i)
+    x = block_forward(blocks[size_t(i)], x, config.num_heads);
+
+  Tensor features = Tensor::empty({B, N, D});
+  for (int64_t b = 0; b < B; ++b)
+    std::copy_n(x.data<float>() + (b * T + prefix) * D, N * D, features.data_mut<float>() + b * N * D);
+  return features;
+}
+
+ViTConfig infer_vit_config(const WeightMap& weights, const std::string& prefix,
+                           const ViTConfig& family, int64_t image_size) {
+  ViTConfig c = family;
+  const Tensor& patch = weights.get(prefix + "patch_embed.proj.weight");
+  if (patch.ndim() != 4 || patch.dim(1) != 3 || patch.dim(2) != patch.dim(3))
+    throw_error(ErrorKind::FileFormat, "weight " + prefix + "patch_embed.proj.weight has shape " +
+                                           shape_to_string(patch.shape()) +
+                                           ", expected [D, 3, P, P]");
+  c.embed_dim = patch.dim(0);
+  c.patch_size = patch.dim(2);
+  c.image_size = image_size;
+  int64_t depth = 0;
+  while (weights.contains(prefix + "blocks." + std::to_string(depth) + ".norm1.weight")) ++depth;
+  c.depth = depth;
+  if (depth < 2)
+    throw_error(ErrorKind::FileFormat, "vision tower " + prefix + " has " +
+                                           std::to_string(depth) + " blocks; at least 2 needed");
+  const Tensor& fc1 = weights.get(prefix + "blocks.0.mlp.fc1.weight");
+  if (fc1.ndim() != 2)
+    throw_error(ErrorKind::FileFormat, "weight " + prefix + "blocks.0.mlp.fc1.weight is not a matrix");
+  c.mlp_hidden_dim = fc1.dim(0);
+  c.has_cls_token = weights.contains(prefix + "cls_token");
+  const std::string reg = first_present(weights, {prefix + "reg_token", prefix + "register_tokens"});
+  const Tensor* reg_tensor = reg.empty() ? nullptr : weights.find(reg);
+  c.num_registers = reg_tensor && reg_tensor->ndim() == 3 ? reg_tensor->dim(1) : 0;
+  c.has_layer_scale = !first_present(weights, {prefix + "blocks.0.ls1.scale_factor",
+                                               prefix + "blocks.0.ls1.gamma"})
+                           .empty();
+  const int64_t head_dim = family.head_dim();
+  if (c.embed_dim % head_dim != 0)
+    throw InvalidConfigError(prefix + "embed_dim", "width " + std::to_string(c.embed_dim) +
+                                                       " is not a multiple of the family's head "
+                                                       "dimension " + std::to_string(head_dim));
+  c.num_heads = c.embed_dim / head_dim;
+  c.validate(prefix);
+  return c;
+}
+
+ViTEncoder load_vit_encoder(const WeightMap& weights, const std::string& prefix,
+                            const ViTConfig& config) {
+  config.validate(prefix);
+  const int64_t D = config.embed_dim, P = config.patch_size, N = config.num_patches();
+  ViTEncoder enc;
+  enc.config = config;
+  enc.patch_embed.weight =
+      expect_tensor(weights, prefix + "patch_embed.proj.weight", {D, 3, P, P}).reshape({D, 3 * P * P});
+  enc.patch_embed.bias = expect_vector_f32(weights, prefix + "patch_embed.proj.bias", D);
+  enc.pos_embed = ops::to_f32(expect_tensor(weights, prefix + "pos_embed", {1, N, D}));
+  if (config.has_cls_token)
+    enc.cls_token = ops::to_f32(expect_tensor(weights, prefix + "cls_token", {1, 1, D}));
+  if (config.num_registers > 0) {
+    std::string reg = first_present(weights, {prefix + "reg_token", prefix + "register_tokens"});
+    if (reg.empty()) throw MissingWeightError(prefix + "reg_token");
+    enc.reg_token = ops::to_f32(expect_tensor(weights, reg, {1, config.num_registers, D}));
+  }
+  for (int64_t i = 0; i < config.depth; ++i) {
+    const std::string b = prefix + "blocks." + std::to_string(i) + ".";
+    ViTBlock block;
+    block.norm1 = {expect_vector_f32(weights, b + "norm1.weight", D),
+                   expect_vector_f32(weights, b + "norm1.bias", D), config.norm_eps};
+    block.norm2 = {expect_vector_f32(weights, b + "norm2.weight", D),
+                   expect_vector_f32(weights, b + "norm2.bias", D), config.norm_eps};
+    if (weights.contains(b + "attn.qkv.weight") || !weights.contains(b + "attn.q_proj.weight")) {
+      block.attn.qkv = expect_linear(weights, b + "attn.qkv.", 3 * D, D, true);
+    } else {
+      // Converted towers split q/k/v: fused once here, in the stored dtype, rows q then k then v.
+      Linear q = expect_linear(weights, b + "attn.q_proj.", D, D, true);
+      Linear k = expect_linear(weights, b + "attn.k_proj.", D, D, true);
+      Linear v = expect_linear(weights, b + "attn.v_proj.", D, D, true);
+      const DType dtype = q.weight.dtype();
+      if (k.weight.dtype() != dtype || v.weight.dtype() != dtype)
+        throw_error(ErrorKind::FileFormat, b + "attn q/k/v weights differ in dtype");
+      Tensor fused = Tensor::empty({3 * D, D}, dtype);
+      Tensor fused_bias = Tensor::empty({3 * D});
+      const size_t part = q.weight.nbytes();
+      char* w = static_cast<char*>(fused.raw_mut());
+      float* bias = fused_bias.data_mut<float>();
+      int64_t at = 0;
+      for (const Linear* piece : {&q, &k, &v}) {
+        std::memcpy(w + part * size_t(at), piece->weight.raw(), part);
+        std::copy_n(piece->bias.data<float>(), D, bias + at * D);
+        ++at;
+      }
+      block.attn.qkv = {fused, fused_bias, nullptr};
+    }
+    const std::string proj = weights.contains(b + "attn.proj.weight") ? "attn.proj." : "attn.out_proj.";
+    block.attn.proj = expect_linear(weights, b + proj, D, D, true);
+    block.mlp.fc1 = expect_linear(weights, b + "mlp.fc1.", config.mlp_hidden_dim, D, true);
+    block.mlp.fc2 = expect_linear(weights, b + "mlp.fc2.", D, config.mlp_hidden_dim, true);
+    if (config.has_layer_scale) {
+      for (auto [slot, name] : {std::pair{&block.ls1, "ls1"}, std::pair{&block.ls2, "ls2"}}) {
+        std::string key = first_present(weights, {b + name + ".scale_factor", b + name + ".gamma"});
+        if (key.empty()) throw MissingWeightError(b + name + ".scale_factor");
+        *slot = expect_vector_f32(weights, key, D);
+      }
+    }
+    enc.blocks.push_back(std::move(block));
+  }
+  enc.norm = {expect_vector_f32(weights, prefix + "norm.weight", D),
+              expect_vector_f32(weights, prefix + "norm.bias", D), config.norm_eps};
+  return enc;
+}
+
+}  // namespace moxin

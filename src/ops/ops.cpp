@@ -1,0 +1,203 @@
+#include "ops/ops.h"
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "backend/cpu/cpu_kernels.h"
+#include "moxin/errors.h"
+
+namespace moxin::ops {
+
+namespace {
+
+void require_f32(const Tensor& x, const char* op) {
+  if (!x.defined() || x.dtype() != DType::F32)
+    throw_error(ErrorKind::Compute, std::string(op) + ": activations must be defined float32");
+}
+
+Shape with_last(const Shape& shape, int64_t last) {
+  Shape out = shape;
+  out.back() = last;
+  return out;
+}
+
+}  // namespace
+
+Tensor linear(const Tensor& x, const Linear& layer) {
+  require_f32(x, "linear");
+  const int64_t in = layer.in_features();
+  const int64_t out_features = layer.out_features();
+  if (x.ndim() == 0 || x.dim(-1) != in)
+    throw_error(ErrorKind::Compute, "linear: input " + shape_to_string(x.shape()) +
+                                        " does not end in " + std::to_string(in));
+  const int64_t M = x.numel() / in;
+  Tensor y = Tensor::empty(with_last(x.shape(), out_features));
+  const float* bias = layer.bias.defined() ? layer.bias.data<float>() : nullptr;
+  if (layer.quantized) {
+    throw_error(ErrorKind::Compute, "quantized linear layers are not wired in yet");
+  } else {
+    cpu::matmul_nt(x.data<float>(), M, in, layer.weight.raw(), layer.weight.dtype(), out_features,
+                   bias, y.data_mut<float>());
+  }
+  return y;
+}
+
+Tensor layer_norm(const Tensor& x, const LayerNorm& norm) {
+  require_f32(x, "layer_norm");
+  const int64_t D = x.dim(-1);
+  Tensor y = Tensor::empty(x.shape());
+  cpu::layer_norm(x.data<float>(), x.numel() / D, D, norm.weight.data<float>(),
+                  norm.bias.data<float>(), norm.eps, y.data_mut<float>());
+  return y;
+}
+
+Tensor rms_norm(const Tensor& x, const RMSNorm& norm) {
+  require_f32(x, "rms_norm");
+  const int64_t D = x.dim(-1);
+  Tensor y = Tensor::empty(x.shape());
+  cpu::rms_norm(x.data<float>(), x.numel() / D, D, norm.weight.data<float>(), norm.eps,
+                y.data_mut<float>());
+  return y;
+}
+
+void gelu_inplace(Tensor& x) {
+  require_f32(x, "gelu");
+  cpu::gelu_erf_inplace(x.data_mut<float>(), x.numel());
+}
+
+Tensor silu_mul(const Tensor& gate, const Tensor& up) {
+  require_f32(gate, "silu_mul");
+  require_f32(up, "silu_mul");
+  if (gate.shape() != up.shape()) throw_error(ErrorKind::Compute, "silu_mul: shape mismatch");
+  Tensor out = Tensor::empty(gate.shape());
+  cpu::silu_mul(gate.data<float>(), up.data<float>(), gate.numel(), out.data_mut<float>());
+  return out;
+}
+
+void add_inplace(Tensor& x, const Tensor& y) {
+  require_f32(x, "add");
+  require_f32(y, "add");
+  if (x.numel() != y.numel())
+    throw_error(ErrorKind::Compute, "add: " + shape_to_string(x.shape()) + " vs " +
+                                        shape_to_string(y.shape()));
+  cpu::add_inplace(x.data_mut<float>(), y.data<float>(), x.numel());
+}
+
+void add_scaled_inplace(Tensor& x, const Tensor& y, const Tensor& scale) {
+  require_f32(x, "add_scaled");
+  const int64_t D = x.dim(-1);
+  if (x.numel() != y.numel() || scale.numel() != D)
+    throw_error(ErrorKind::Compute, "add_scaled: shape mismatch");
+  cpu::add_scaled_rows_inplace(x.data_mut<float>(), y.data<float>(), scale.data<float>(),
+                               x.numel() / D, D);
+}
+
+Tensor embedding(const Tensor& ids, const Tensor& table) {
+  const int64_t vocab = table.dim(0);
+  const int64_t D = table.dim(1);
+  std::vector<int64_t> rows(size_t(ids.numel()));
+  for (int64_t i = 0; i < ids.numel(); ++i) {
+    const int64_t id = ids.dtype() == DType::I64 ? ids.data<int64_t>()[i]
+                                                 : int64_t(ids.data<int32_t>()[i]);
+    if (id < 0 || id >= vocab)
+      throw_error(ErrorKind::Request, "token id " + std::to_string(id) +
+                                          " is outside the vocabulary [0, " +
+                                          std::to_string(vocab) + ")");
+    rows[size_t(i)] = id;
+  }
+  Tensor out = Tensor::empty({ids.numel(), D});
+  cpu::gather_rows(table.raw(), table.dtype(), D, rows.data(), ids.numel(), out.data_mut<float>());
+  return out;
+}
+
+Tensor self_attention_qkv(const Tensor& qkv, int64_t heads) {
+  require_f32(qkv, "self_attention");
+  const int64_t B = qkv.dim(0), T = qkv.dim(1), D = qkv.dim(2) / 3;
+  if (qkv.ndim() != 3 || qkv.dim(2) != 3 * D || heads <= 0 || D % heads != 0)
+    throw_error(ErrorKind::Compute, "self_attention: bad qkv shape " + shape_to_string(qkv.shape()));
+  const int64_t Dh = D / heads;
+  Tensor out = Tensor::empty({B, T, D});
+  cpu::AttentionShape s{};
+  s.Lq = T;
+  s.Lk = T;
+  s.Hq = heads;
+  s.Hkv = heads;
+  s.Dh = Dh;
+  s.q_row_stride = 3 * D;
+  s.kv_row_stride = 3 * D;
+  s.kv_head_stride = Dh;
+  s.out_row_stride = D;
+  s.scale = 1.0f / std::sqrt(float(Dh));
+  for (int64_t b = 0; b < B; ++b) {
+    const float* base = qkv.data<float>() + b * T * 3 * D;
+    cpu::attention(base, base + D, base + 2 * D, out.data_mut<float>() + b * T * D, s);
+  }
+  return out;
+}
+
+Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window) {
+  require_f32(q, "causal_attention");
+  const int64_t B = q.dim(0), Lq = q.dim(1), Hq = q.dim(2), Dh = q.dim(3);
+  const int64_t Hkv = kv.keys.dim(1), capacity = kv.keys.dim(2);
+  if (kv.keys.dim(0) != B || kv.keys.dim(3) != Dh || kv.length > capacity ||
+      kv.length != q_offset + Lq)
+    throw_error(ErrorKind::Compute, "causal_attention: queries " + shape_to_string(q.shape()) +
+                                        " do not match the cache " +
+                                        shape_to_string(kv.keys.shape()));
+  Tensor out = Tensor::empty({B, Lq, Hq * Dh});
+  cpu::AttentionShape s{};
+  s.Lq = Lq;
+  s.Lk = kv.length;
+  s.Hq = Hq;
+  s.Hkv = Hkv;
+  s.Dh = Dh;
+  s.q_row_stride = Hq * Dh;
+  s.kv_row_stride = Dh;
+  s.kv_head_stride = capacity * Dh;
+  s.out_row_stride = Hq * Dh;
+  s.causal = true;
+  s.q_offset = q_offset;
+  s.window = window;
+  s.scale = 1.0f / std::sqrt(float(Dh));
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t kv_batch = b * Hkv * capacity * Dh;
+    cpu::attention(q.data<float>() + b * Lq * Hq * Dh, kv.keys.data<float>() + kv_batch,
+                   kv.values.data<float>() + kv_batch, out.data_mut<float>() + b * Lq * Hq * Dh,
+                   s);
+  }
+  return out;
+}
+
+void rope_inplace(Tensor& x, int64_t offset, float theta) {
+  require_f32(x, "rope");
+  const int64_t B = x.dim(0), L = x.dim(1), H = x.dim(2), Dh = x.dim(3);
+  std::vector<int64_t> positions(size_t(B * L));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t l = 0; l < L; ++l) positions[size_t(b * L + l)] = offset + l;
+  cpu::rope_inplace(x.data_mut<float>(), B * L, H, Dh, positions.data(), theta);
+}
+
+Tensor heads_first(const Tensor& x) {
+  require_f32(x, "heads_first");
+  const int64_t B = x.dim(0), L = x.dim(1), H = x.dim(2), Dh = x.dim(3);
+  Tensor out = Tensor::empty({B, H, L, Dh});
+  const float* src = x.data<float>();
+  float* dst = out.data_mut<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t h = 0; h < H; ++h)
+        std::memcpy(dst + ((b * H + h) * L + l) * Dh, src + ((b * L + l) * H + h) * Dh,
+                    size_t(Dh) * sizeof(float));
+  return out;
+}
+
+Tensor to_f32(const Tensor& t) {
+  if (!t.defined() || t.dtype() == DType::F32) return t;
+  Tensor out = Tensor::empty(t.shape());
+  cpu::widen(t.raw(), t.dtype(), t.numel(), out.data_mut<float>());
+  return out;
+}
+
+}  // namespace moxin::ops

@@ -1,0 +1,35 @@
+// The operations model code is written in. Activations are float32 tensors; weights are in
+// their stored dtype (or MLX-quantized). Model code calls these and never a backend directly.
+#pragma once
+
+#include "moxin/kv_cache.h"
+#include "moxin/model.h"
+#include "moxin/tensor.h"
+
+namespace moxin::ops {
+
+// x [..., in] -> [..., out]
+Tensor linear(const Tensor& x, const Linear& layer);
+Tensor layer_norm(const Tensor& x, const LayerNorm& norm);
+Tensor rms_norm(const Tensor& x, const RMSNorm& norm);
+void gelu_inplace(Tensor& x);                            // exact (erf) GELU
+Tensor silu_mul(const Tensor& gate, const Tensor& up);   // silu(gate) * up
+void add_inplace(Tensor& x, const Tensor& y);            // x += y (same shape)
+void add_scaled_inplace(Tensor& x, const Tensor& y, const Tensor& scale);  // x += y * scale[D]
+// ids [n] (I32 or I64, each checked against the table) -> [n, D] float32
+Tensor embedding(const Tensor& ids, const Tensor& table);
+// Bidirectional self-attention over fused projections qkv [B, T, 3 * D] (q, k, v blocks of
+// `heads` heads each) -> [B, T, D]; scale head_dim^-0.5. The vision towers' attention.
+Tensor self_attention_qkv(const Tensor& qkv, int64_t heads);
+// Decoder attention: q [B, Lq, Hq, Dh] at positions q_offset.. over the cached history
+// (keys/values [B, Hkv, capacity, Dh], `length` valid), causal, limited to `window` positions
+// when window > 0 -> [B, Lq, Hq * Dh].
+Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window);
+// In place on x [B, L, H, Dh]: rotate-half RoPE at positions offset..offset+L-1.
+void rope_inplace(Tensor& x, int64_t offset, float theta);
+// [B, L, H, Dh] -> [B, H, L, Dh]
+Tensor heads_first(const Tensor& x);
+// Widens a small float tensor (norm weights, biases, embeddings of prefix tokens) to float32.
+Tensor to_f32(const Tensor& t);
+
+}  // namespace moxin::ops
