@@ -21,10 +21,10 @@ Error::Error(ErrorKind kind, const std::string& message)
     : std::runtime_error(message), kind_(kind) {}
 
 MissingWeightError::MissingWeightError(std::string name)
-    : Error(ErrorKind::MissingWeight, "missing weight: " + name), name_(std::move(name)) {}
+    : Error(ErrorKind::MissingWeight, "'" + name + "' is not in the checkpoint"), name_(std::move(name)) {}
 
 InvalidConfigError::InvalidConfigError(std::string field, std::string reason)
-    : Error(ErrorKind::InvalidConfig, "invalid config: " + field + ": " + reason),
+    : Error(ErrorKind::InvalidConfig, field + ": " + reason),
       field_(std::move(field)),
       reason_(std::move(reason)) {}
 
