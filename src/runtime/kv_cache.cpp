@@ -89,6 +89,14 @@ void KVCache::grow(int64_t batch, int64_t heads, int64_t head_dim, int64_t neede
 CachedKV KVCache::update_and_fetch(const Tensor& keys, const Tensor& values) {
   check_pair(keys, values);
   if (step_ <= 0) throw_error(ErrorKind::Compute, "KV cache step must be positive");
+  if (keys_.defined() && offset_ == 0) {
+    // After reset() the buffers are reused only for sequences of the same geometry.
+    const Shape& held = keys_.shape();
+    if (held[0] != keys.dim(0) || held[1] != keys.dim(1) || held[3] != keys.dim(3)) {
+      keys_ = values_ = Tensor();
+      capacity_ = 0;
+    }
+  }
   if (keys_.defined()) check_compatible(keys_, keys);
   const int64_t needed = offset_ + keys.dim(2);
   if (!keys_.defined() || needed > capacity_) grow(keys.dim(0), keys.dim(1), keys.dim(3), needed);
