@@ -72,7 +72,8 @@ TEST_P(Parity, EveryStageMatchesTheReference) {
 }
 
 TEST_P(Parity, PreprocessingMatchesPil) {
-  const auto image = load_image(test::source_dir() / meta_["image"].get<std::string>());
+  // meta.json names the photo relative to tests/fixtures/parity.
+  const auto image = load_image(fixtures_.parent_path() / meta_["image"].get<std::string>());
   const PreprocessedImage pixels = preprocess_image(image, 224);
   const auto dino = test::compare(pixels.dino, fixture("pixel_dino"));
   const auto siglip = test::compare(pixels.siglip, fixture("pixel_siglip"));
