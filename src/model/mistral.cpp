@@ -50,16 +50,9 @@ Tensor MoxinVLM::encode_image(const Tensor& dino_image, const Tensor& siglip_ima
                                     shape_to_string(siglip_image.shape()));
   Tensor a = dino.forward(dino_image);      // [B, N, Dd]
   Tensor b = siglip.forward(siglip_image);  // [B, N, Ds]
-  const int64_t B = a.dim(0), N = a.dim(1), Da = a.dim(2), Db = b.dim(2);
-  if (b.dim(1) != N)
+  if (b.dim(1) != a.dim(1))
     throw_error(ErrorKind::Compute, "towers disagree on the number of patches");
-  Tensor fused = Tensor::empty({B, N, Da + Db});
-  float* dst = fused.data_mut<float>();
-  for (int64_t r = 0; r < B * N; ++r) {
-    std::copy_n(a.data<float>() + r * Da, Da, dst + r * (Da + Db));
-    std::copy_n(b.data<float>() + r * Db, Db, dst + r * (Da + Db) + Da);
-  }
-  return projector.forward(fused);
+  return projector.forward(ops::concat({a, b}, 2));  // [B, N, Dd + Ds] -> [B, N, hidden]
 }
 
 Tensor MoxinVLM::embed(const Tensor& input_ids) const {
@@ -80,7 +73,7 @@ Tensor MoxinVLM::forward_embeddings(const Tensor& embeddings, KVCacheList& cache
   if (cache.size() != layers.size())
     throw_error(ErrorKind::Request, "KV cache has " + std::to_string(cache.size()) +
                                         " layers, the model " + std::to_string(layers.size()));
-  const int64_t B = embeddings.dim(0), L = embeddings.dim(1);
+  const int64_t L = embeddings.dim(1);
   const int64_t offset = cache[0]->offset();
   for (const auto& layer_cache : cache)
     if (!layer_cache || layer_cache->offset() != offset)
@@ -94,10 +87,7 @@ Tensor MoxinVLM::forward_embeddings(const Tensor& embeddings, KVCacheList& cache
   for (size_t i = 0; i < layers.size(); ++i) x = decoder_layer_forward(layers[i], x, *cache[i], tc);
 
   const int64_t keep = last_n < 0 || last_n > L ? L : last_n;
-  Tensor tail = Tensor::empty({B, keep, tc.hidden_size});
-  for (int64_t b = 0; b < B; ++b)
-    std::copy_n(x.data<float>() + (b * L + L - keep) * tc.hidden_size, keep * tc.hidden_size,
-                tail.data_mut<float>() + b * keep * tc.hidden_size);
+  Tensor tail = keep == L ? x : ops::slice(x, 1, L - keep, L);
   return ops::linear(ops::rms_norm(tail, norm), lm_head);  // [B, keep, vocab]
 }
 
@@ -113,17 +103,8 @@ Tensor MoxinVLM::forward(const Tensor& dino_image, const Tensor& siglip_image,
                                         " sequences but input_ids " + std::to_string(B));
   Tensor visual = encode_image(dino_image, siglip_image);  // [B, N, hidden]
   Tensor text = embed(input_ids);                           // [B, L, hidden]
-  const int64_t N = visual.dim(1), H = visual.dim(2);
   // [embed(BOS), visual x N, embed(ids[1:])]
-  Tensor fused = Tensor::empty({B, 1 + N + (L - 1), H});
-  float* dst = fused.data_mut<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    float* seq = dst + b * (N + L) * H;
-    const float* t = text.data<float>() + b * L * H;
-    std::copy_n(t, H, seq);
-    std::copy_n(visual.data<float>() + b * N * H, N * H, seq + H);
-    std::copy_n(t + H, (L - 1) * H, seq + (1 + N) * H);
-  }
+  Tensor fused = ops::concat({ops::slice(text, 1, 0, 1), visual, ops::slice(text, 1, 1, L)}, 1);
   return forward_embeddings(fused, cache, last_n);
 }
 

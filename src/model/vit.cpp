@@ -13,26 +13,6 @@ namespace moxin {
 
 namespace {
 
-// images [B, S, S, 3] NHWC -> patches [B * N, 3 * P * P], each patch flattened in the conv
-// weight's (c, kh, kw) order so the patch conv becomes one matrix product.
-Tensor extract_patches(const Tensor& images, int64_t patch) {
-  const int64_t B = images.dim(0), S = images.dim(1), G = S / patch;
-  Tensor out = Tensor::empty({B * G * G, 3 * patch * patch});
-  const float* src = images.data<float>();
-  float* dst = out.data_mut<float>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t gy = 0; gy < G; ++gy)
-      for (int64_t gx = 0; gx < G; ++gx) {
-        float* row = dst + ((b * G + gy) * G + gx) * 3 * patch * patch;
-        for (int64_t c = 0; c < 3; ++c)
-          for (int64_t ky = 0; ky < patch; ++ky)
-            for (int64_t kx = 0; kx < patch; ++kx)
-              row[(c * patch + ky) * patch + kx] =
-                  src[((b * S + gy * patch + ky) * S + gx * patch + kx) * 3 + c];
-      }
-  return out;
-}
-
 // x = x + ls(y), LayerScale when present.
 void residual(Tensor& x, const Tensor& y, const Tensor& layer_scale) {
   if (layer_scale.defined()) {
@@ -63,32 +43,22 @@ Tensor ViTEncoder::forward(const Tensor& images) const {
                                         ", 3], got " + shape_to_string(images.shape()));
   const int64_t B = images.dim(0);
   const int64_t prefix = config.num_prefix_tokens();
-  const int64_t T = prefix + N;
 
-  Tensor patches = ops::linear(extract_patches(images, config.patch_size), patch_embed);  // [B*N, D]
+  Tensor x = ops::linear(ops::patchify(images, config.patch_size), patch_embed).reshape({B, N, D});
   // Positions are added to the patches only; cls and registers go in front afterwards.
-  Tensor x = Tensor::empty({B, T, D});
-  float* dst = x.data_mut<float>();
-  const float* pos = pos_embed.data<float>();
-  const float* p = patches.data<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    float* seq = dst + b * T * D;
-    int64_t row = 0;
-    if (config.has_cls_token)
-      std::copy_n(cls_token.data<float>(), D, seq + D * row++);
-    for (int64_t r = 0; r < config.num_registers; ++r)
-      std::copy_n(reg_token.data<float>() + r * D, D, seq + D * row++);
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t d = 0; d < D; ++d) seq[(row + n) * D + d] = p[(b * N + n) * D + d] + pos[n * D + d];
+  ops::add_inplace(x, pos_embed);
+  std::vector<Tensor> sequence;
+  if (config.has_cls_token) sequence.push_back(ops::repeat_batch(cls_token, B));
+  if (config.num_registers > 0) sequence.push_back(ops::repeat_batch(reg_token, B));
+  if (!sequence.empty()) {
+    sequence.push_back(x);
+    x = ops::concat(sequence, 1);  // [B, prefix + N, D]
   }
 
   for (int64_t i = 0; i <= config.feature_block(); ++i)
     x = block_forward(blocks[size_t(i)], x, config.num_heads);
 
-  Tensor features = Tensor::empty({B, N, D});
-  for (int64_t b = 0; b < B; ++b)
-    std::copy_n(x.data<float>() + (b * T + prefix) * D, N * D, features.data_mut<float>() + b * N * D);
-  return features;
+  return ops::slice(x, 1, prefix, prefix + N);  // prefix tokens dropped
 }
 
 ViTConfig infer_vit_config(const WeightMap& weights, const std::string& prefix,

@@ -79,10 +79,11 @@ Tensor silu_mul(const Tensor& gate, const Tensor& up) {
 void add_inplace(Tensor& x, const Tensor& y) {
   require_f32(x, "add");
   require_f32(y, "add");
-  if (x.numel() != y.numel())
+  if (y.numel() == 0 || x.numel() % y.numel() != 0)
     throw_error(ErrorKind::Compute, "add: " + shape_to_string(x.shape()) + " vs " +
                                         shape_to_string(y.shape()));
-  cpu::add_inplace(x.data_mut<float>(), y.data<float>(), x.numel());
+  for (int64_t at = 0; at < x.numel(); at += y.numel())
+    cpu::add_inplace(x.data_mut<float>() + at, y.data<float>(), y.numel());
 }
 
 void add_scaled_inplace(Tensor& x, const Tensor& y, const Tensor& scale) {
@@ -190,6 +191,86 @@ Tensor heads_first(const Tensor& x) {
       for (int64_t h = 0; h < H; ++h)
         std::memcpy(dst + ((b * H + h) * L + l) * Dh, src + ((b * L + l) * H + h) * Dh,
                     size_t(Dh) * sizeof(float));
+  return out;
+}
+
+namespace {
+
+int normalize_axis(int axis, int ndim, const char* op) {
+  const int a = axis < 0 ? axis + ndim : axis;
+  if (a < 0 || a >= ndim) throw_error(ErrorKind::Compute, std::string(op) + ": axis out of range");
+  return a;
+}
+
+// Elements before and after `axis`: a contiguous tensor is outer x dim(axis) x inner.
+std::pair<int64_t, int64_t> outer_inner(const Shape& shape, int axis) {
+  int64_t outer = 1, inner = 1;
+  for (int i = 0; i < axis; ++i) outer *= shape[size_t(i)];
+  for (size_t i = size_t(axis) + 1; i < shape.size(); ++i) inner *= shape[i];
+  return {outer, inner};
+}
+
+}  // namespace
+
+Tensor concat(const std::vector<Tensor>& parts, int axis) {
+  if (parts.empty()) throw_error(ErrorKind::Compute, "concat of nothing");
+  const int a = normalize_axis(axis, parts[0].ndim(), "concat");
+  Shape shape = parts[0].shape();
+  shape[size_t(a)] = 0;
+  for (const Tensor& p : parts) {
+    require_f32(p, "concat");
+    bool fits = p.ndim() == parts[0].ndim();
+    for (int i = 0; fits && i < p.ndim(); ++i) fits = i == a || p.dim(i) == shape[size_t(i)];
+    if (!fits)
+      throw_error(ErrorKind::Compute, "concat: " + shape_to_string(p.shape()) + " does not fit " +
+                                          shape_to_string(parts[0].shape()));
+    shape[size_t(a)] += p.dim(a);
+  }
+  Tensor out = Tensor::empty(shape);
+  const auto [outer, inner] = outer_inner(shape, a);
+  const int64_t out_row = shape[size_t(a)] * inner;
+  int64_t at = 0;
+  for (const Tensor& p : parts) {
+    const int64_t row = p.dim(a) * inner;
+    cpu::copy_rows(p.data<float>(), row, out.data_mut<float>() + at, out_row, outer, row);
+    at += row;
+  }
+  return out;
+}
+
+Tensor slice(const Tensor& x, int axis, int64_t begin, int64_t end) {
+  require_f32(x, "slice");
+  const int a = normalize_axis(axis, x.ndim(), "slice");
+  if (begin < 0 || end > x.dim(a) || begin > end)
+    throw_error(ErrorKind::Compute, "slice [" + std::to_string(begin) + ", " + std::to_string(end) +
+                                        ") of " + shape_to_string(x.shape()));
+  Shape shape = x.shape();
+  shape[size_t(a)] = end - begin;
+  Tensor out = Tensor::empty(shape);
+  const auto [outer, inner] = outer_inner(x.shape(), a);
+  cpu::copy_rows(x.data<float>() + begin * inner, x.dim(a) * inner, out.data_mut<float>(),
+                 (end - begin) * inner, outer, (end - begin) * inner);
+  return out;
+}
+
+Tensor repeat_batch(const Tensor& x, int64_t batch) {
+  require_f32(x, "repeat_batch");
+  if (x.ndim() == 0 || x.dim(0) != 1) throw_error(ErrorKind::Compute, "repeat_batch needs [1, ...]");
+  Shape shape = x.shape();
+  shape[0] = batch;
+  Tensor out = Tensor::empty(shape);
+  cpu::copy_rows(x.data<float>(), 0, out.data_mut<float>(), x.numel(), batch, x.numel());
+  return out;
+}
+
+Tensor patchify(const Tensor& images, int64_t patch) {
+  require_f32(images, "patchify");
+  const int64_t B = images.dim(0), S = images.dim(1), C = images.dim(3);
+  if (images.ndim() != 4 || images.dim(2) != S || patch <= 0 || S % patch != 0)
+    throw_error(ErrorKind::Compute, "patchify: " + shape_to_string(images.shape()));
+  const int64_t G = S / patch;
+  Tensor out = Tensor::empty({B * G * G, C * patch * patch});
+  cpu::patchify(images.data<float>(), B, S, C, patch, out.data_mut<float>());
   return out;
 }
 

@@ -6,6 +6,8 @@
 #include "moxin/model.h"
 #include "moxin/tensor.h"
 
+#include <vector>
+
 namespace moxin::ops {
 
 // x [..., in] -> [..., out]
@@ -14,7 +16,8 @@ Tensor layer_norm(const Tensor& x, const LayerNorm& norm);
 Tensor rms_norm(const Tensor& x, const RMSNorm& norm);
 void gelu_inplace(Tensor& x);                            // exact (erf) GELU
 Tensor silu_mul(const Tensor& gate, const Tensor& up);   // silu(gate) * up
-void add_inplace(Tensor& x, const Tensor& y);            // x += y (same shape)
+// x += y; y of x's shape, or of a trailing part of it repeated (pos_embed [1, N, D] over [B, N, D])
+void add_inplace(Tensor& x, const Tensor& y);
 void add_scaled_inplace(Tensor& x, const Tensor& y, const Tensor& scale);  // x += y * scale[D]
 // ids [n] (I32 or I64, each checked against the table) -> [n, D] float32
 Tensor embedding(const Tensor& ids, const Tensor& table);
@@ -29,6 +32,13 @@ Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, i
 void rope_inplace(Tensor& x, int64_t offset, float theta);
 // [B, L, H, Dh] -> [B, H, L, Dh]
 Tensor heads_first(const Tensor& x);
+// Shape plumbing (float32, contiguous).
+Tensor concat(const std::vector<Tensor>& parts, int axis);
+Tensor slice(const Tensor& x, int axis, int64_t begin, int64_t end);
+Tensor repeat_batch(const Tensor& x, int64_t batch);  // [1, ...] -> [batch, ...]
+// images [B, S, S, C] -> [B * (S/P)^2, C * P * P], each patch in (c, kh, kw) order: a
+// stride-P convolution becomes one matrix product with the conv weight flattened.
+Tensor patchify(const Tensor& images, int64_t patch);
 // Widens a small float tensor (norm weights, biases, embeddings of prefix tokens) to float32.
 Tensor to_f32(const Tensor& t);
 

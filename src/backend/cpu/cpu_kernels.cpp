@@ -100,6 +100,25 @@ void gather_rows(const void* table, DType dtype, int64_t D, const int64_t* ids, 
     widen(static_cast<const char*>(table) + size_t(ids[i]) * row_bytes, dtype, D, out + i * D);
 }
 
+void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows,
+               int64_t row_len) {
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(dst + r * dst_stride, src + r * src_stride, size_t(row_len) * sizeof(float));
+}
+
+void patchify(const float* images, int64_t B, int64_t S, int64_t C, int64_t P, float* out) {
+  const int64_t G = S / P;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t gy = 0; gy < G; ++gy)
+      for (int64_t gx = 0; gx < G; ++gx) {
+        float* row = out + ((b * G + gy) * G + gx) * C * P * P;
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t ky = 0; ky < P; ++ky)
+            for (int64_t kx = 0; kx < P; ++kx)
+              row[(c * P + ky) * P + kx] = images[((b * S + gy * P + ky) * S + gx * P + kx) * C + c];
+      }
+}
+
 void layer_norm(const float* x, int64_t rows, int64_t D, const float* weight, const float* bias,
                 float eps, float* y) {
 #pragma omp parallel for if (rows * D > (1 << 15))

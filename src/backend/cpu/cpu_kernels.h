@@ -20,6 +20,13 @@ void gather_rows(const void* table, DType dtype, int64_t D, const int64_t* ids, 
 // Widens n elements of a float tensor to float32.
 void widen(const void* src, DType dtype, int64_t n, float* out);
 
+// `rows` rows of `row_len` floats from src (rows `src_stride` apart; 0 repeats one row) to dst
+// (rows `dst_stride` apart).
+void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows,
+               int64_t row_len);
+// images [B, S, S, C] NHWC -> [B * (S/P)^2, C * P * P], patches in (c, kh, kw) order.
+void patchify(const float* images, int64_t B, int64_t S, int64_t C, int64_t P, float* out);
+
 void layer_norm(const float* x, int64_t rows, int64_t D, const float* weight, const float* bias,
                 float eps, float* y);
 void rms_norm(const float* x, int64_t rows, int64_t D, const float* weight, float eps, float* y);
