@@ -53,7 +53,7 @@ class KVCache final : public KeyValueCache {
   void reset() override;
 
  private:
-  void grow(int64_t batch, int64_t heads, int64_t head_dim, int64_t needed);
+  void grow(const Tensor& like, int64_t needed);  // room for `needed` positions, on like's device
   int64_t step_;
   Tensor keys_, values_;  // [B, n_kv_heads, capacity, head_dim]
   int64_t offset_ = 0;

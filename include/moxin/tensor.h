@@ -14,6 +14,10 @@ namespace moxin {
 
 using Shape = std::vector<int64_t>;
 
+// Where a tensor's bytes live. CUDA tensors hold device pointers: data<T>() is for kernels,
+// not for host code; to_device(Device::CPU) brings them back.
+enum class Device : uint8_t { CPU, CUDA };
+
 std::string shape_to_string(const Shape& shape);  // "[2, 3]"
 
 class Tensor {
@@ -21,8 +25,8 @@ class Tensor {
   Tensor() = default;
 
   // Fresh storage, uninitialised (empty) or zero-filled (zeros).
-  static Tensor empty(Shape shape, DType dtype = DType::F32);
-  static Tensor zeros(Shape shape, DType dtype = DType::F32);
+  static Tensor empty(Shape shape, DType dtype = DType::F32, Device device = Device::CPU);
+  static Tensor zeros(Shape shape, DType dtype = DType::F32, Device device = Device::CPU);
   // A view of bytes someone else owns; `owner` keeps them alive for as long as the view lives.
   static Tensor view(Shape shape, DType dtype, const void* data, std::shared_ptr<const void> owner);
   static Tensor from_vector(Shape shape, const std::vector<float>& values);
@@ -33,6 +37,7 @@ class Tensor {
   int64_t dim(int axis) const;  // negative axes count from the end
   int64_t numel() const { return numel_; }
   DType dtype() const { return dtype_; }
+  Device device() const { return device_; }
   size_t nbytes() const { return size_t(numel_) * dtype_size(dtype_); }
 
   const void* raw() const { return data_; }
@@ -45,9 +50,11 @@ class Tensor {
   // Rows [begin, end) of the first axis, sharing storage.
   Tensor slice_rows(int64_t begin, int64_t end) const;
   Tensor clone() const;
-  // Converted copy (any float type to any float type); same dtype returns *this.
+  // Converted copy (any float type to any float type, on the host); same dtype returns *this.
   Tensor to(DType dtype) const;
-  std::vector<float> to_vector() const;  // values as f32, for tests and small tensors
+  // Copy on another device; the same device returns *this.
+  Tensor to_device(Device device) const;
+  std::vector<float> to_vector() const;  // values as f32 (copied to the host), for tests
 
  private:
   const void* checked(size_t element_size) const;
@@ -60,6 +67,7 @@ class Tensor {
   Shape shape_;
   int64_t numel_ = 0;
   DType dtype_ = DType::F32;
+  Device device_ = Device::CPU;
 };
 
 }  // namespace moxin

@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "core/device.h"
 #include "moxin/errors.h"
 
 namespace moxin {
@@ -20,14 +21,6 @@ int64_t checked_numel(const Shape& shape) {
   return n;
 }
 
-// 64-byte alignment keeps every row start SIMD- and cache-line-friendly.
-std::shared_ptr<void> allocate(size_t bytes) {
-  const size_t rounded = (bytes + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, rounded ? rounded : 64);
-  if (!p) throw_error(ErrorKind::Compute, "out of memory allocating " + std::to_string(bytes) + " bytes");
-  return std::shared_ptr<void>(p, std::free);
-}
-
 }  // namespace
 
 std::string shape_to_string(const Shape& shape) {
@@ -39,12 +32,15 @@ std::string shape_to_string(const Shape& shape) {
   return s + "]";
 }
 
-Tensor Tensor::empty(Shape shape, DType dtype) {
+Tensor Tensor::empty(Shape shape, DType dtype, Device device) {
   Tensor t;
   t.numel_ = checked_numel(shape);
+  if (t.numel_ > int64_t(1) << 40)  // 1 Ti elements: no request of ours is near; a bug or an attack
+    throw_error(ErrorKind::Compute, "refusing to allocate a tensor of shape " + shape_to_string(shape));
   t.shape_ = std::move(shape);
   t.dtype_ = dtype;
-  auto storage = allocate(t.nbytes());
+  t.device_ = device;
+  auto storage = device::allocate(device, t.nbytes());
   t.data_ = storage.get();
   t.owner_ = std::move(storage);
   t.writable_ = true;
@@ -52,9 +48,9 @@ Tensor Tensor::empty(Shape shape, DType dtype) {
   return t;
 }
 
-Tensor Tensor::zeros(Shape shape, DType dtype) {
-  Tensor t = empty(std::move(shape), dtype);
-  std::memset(t.data_, 0, t.nbytes());
+Tensor Tensor::zeros(Shape shape, DType dtype, Device device) {
+  Tensor t = empty(std::move(shape), dtype, device);
+  device::fill_zero(device, t.data_, t.nbytes());
   return t;
 }
 
@@ -141,8 +137,15 @@ Tensor Tensor::slice_rows(int64_t begin, int64_t end) const {
 }
 
 Tensor Tensor::clone() const {
-  Tensor t = empty(shape_, dtype_);
-  if (nbytes()) std::memcpy(t.data_, data_, nbytes());
+  Tensor t = empty(shape_, dtype_, device_);
+  if (nbytes()) device::copy(t.data_, device_, data_, device_, nbytes());
+  return t;
+}
+
+Tensor Tensor::to_device(Device device) const {
+  if (device == device_ || !defined_) return *this;
+  Tensor t = empty(shape_, dtype_, device);
+  if (nbytes()) device::copy(t.data_, device, data_, device_, nbytes());
   return t;
 }
 
@@ -162,6 +165,7 @@ float load_as_f32(const void* base, DType dtype, int64_t i) {
 
 Tensor Tensor::to(DType dtype) const {
   if (dtype == dtype_) return *this;
+  if (device_ != Device::CPU) return to_device(Device::CPU).to(dtype).to_device(device_);
   if (!is_float(dtype) || !is_float(dtype_))
     throw_error(ErrorKind::Compute, "conversion " + std::string(dtype_name(dtype_)) + " -> " +
                                         std::string(dtype_name(dtype)) + " is not supported");
@@ -180,6 +184,7 @@ Tensor Tensor::to(DType dtype) const {
 }
 
 std::vector<float> Tensor::to_vector() const {
+  if (device_ != Device::CPU) return to_device(Device::CPU).to_vector();
   checked(dtype_size(dtype_));
   std::vector<float> out(static_cast<size_t>(numel_));
   for (int64_t i = 0; i < numel_; ++i) out[size_t(i)] = load_as_f32(data_, dtype_, i);

@@ -6,7 +6,18 @@
 #include <vector>
 
 #include "backend/cpu/cpu_kernels.h"
+#include "core/device.h"
 #include "moxin/errors.h"
+
+#if MOXIN_WITH_CUDA
+#include "backend/cuda/cuda_ops.h"
+// Tensors on the GPU go to the CUDA backend; everything below this line is the CPU path.
+#define DISPATCH_CUDA(tensor, call) \
+  if ((tensor).device() == Device::CUDA) return cuda::call
+#else
+#define DISPATCH_CUDA(tensor, call) \
+  if ((tensor).device() == Device::CUDA) device::require(Device::CUDA)
+#endif
 
 namespace moxin::ops {
 
@@ -26,6 +37,7 @@ Shape with_last(const Shape& shape, int64_t last) {
 }  // namespace
 
 Tensor linear(const Tensor& x, const Linear& layer) {
+  DISPATCH_CUDA(x, linear(x, layer));
   require_f32(x, "linear");
   const int64_t in = layer.in_features();
   const int64_t out_features = layer.out_features();
@@ -45,6 +57,7 @@ Tensor linear(const Tensor& x, const Linear& layer) {
 }
 
 Tensor layer_norm(const Tensor& x, const LayerNorm& norm) {
+  DISPATCH_CUDA(x, layer_norm(x, norm));
   require_f32(x, "layer_norm");
   const int64_t D = x.dim(-1);
   Tensor y = Tensor::empty(x.shape());
@@ -54,6 +67,7 @@ Tensor layer_norm(const Tensor& x, const LayerNorm& norm) {
 }
 
 Tensor rms_norm(const Tensor& x, const RMSNorm& norm) {
+  DISPATCH_CUDA(x, rms_norm(x, norm));
   require_f32(x, "rms_norm");
   const int64_t D = x.dim(-1);
   Tensor y = Tensor::empty(x.shape());
@@ -63,11 +77,13 @@ Tensor rms_norm(const Tensor& x, const RMSNorm& norm) {
 }
 
 void gelu_inplace(Tensor& x) {
+  DISPATCH_CUDA(x, gelu_inplace(x));
   require_f32(x, "gelu");
   cpu::gelu_erf_inplace(x.data_mut<float>(), x.numel());
 }
 
 Tensor silu_mul(const Tensor& gate, const Tensor& up) {
+  DISPATCH_CUDA(gate, silu_mul(gate, up));
   require_f32(gate, "silu_mul");
   require_f32(up, "silu_mul");
   if (gate.shape() != up.shape()) throw_error(ErrorKind::Compute, "silu_mul: shape mismatch");
@@ -77,6 +93,7 @@ Tensor silu_mul(const Tensor& gate, const Tensor& up) {
 }
 
 void add_inplace(Tensor& x, const Tensor& y) {
+  DISPATCH_CUDA(x, add_inplace(x, y));
   require_f32(x, "add");
   require_f32(y, "add");
   if (y.numel() == 0 || x.numel() % y.numel() != 0)
@@ -87,6 +104,7 @@ void add_inplace(Tensor& x, const Tensor& y) {
 }
 
 void add_scaled_inplace(Tensor& x, const Tensor& y, const Tensor& scale) {
+  DISPATCH_CUDA(x, add_scaled_inplace(x, y, scale));
   require_f32(x, "add_scaled");
   const int64_t D = x.dim(-1);
   if (x.numel() != y.numel() || scale.numel() != D)
@@ -96,6 +114,7 @@ void add_scaled_inplace(Tensor& x, const Tensor& y, const Tensor& scale) {
 }
 
 Tensor embedding(const Tensor& ids, const Tensor& table) {
+  DISPATCH_CUDA(table, embedding(ids, table));
   const int64_t vocab = table.dim(0);
   const int64_t D = table.dim(1);
   std::vector<int64_t> rows(size_t(ids.numel()));
@@ -114,6 +133,7 @@ Tensor embedding(const Tensor& ids, const Tensor& table) {
 }
 
 Tensor self_attention_qkv(const Tensor& qkv, int64_t heads) {
+  DISPATCH_CUDA(qkv, self_attention_qkv(qkv, heads));
   require_f32(qkv, "self_attention");
   const int64_t B = qkv.dim(0), T = qkv.dim(1), D = qkv.dim(2) / 3;
   if (qkv.ndim() != 3 || qkv.dim(2) != 3 * D || heads <= 0 || D % heads != 0)
@@ -139,6 +159,7 @@ Tensor self_attention_qkv(const Tensor& qkv, int64_t heads) {
 }
 
 Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window) {
+  DISPATCH_CUDA(q, causal_attention(q, kv, q_offset, window));
   require_f32(q, "causal_attention");
   const int64_t B = q.dim(0), Lq = q.dim(1), Hq = q.dim(2), Dh = q.dim(3);
   const int64_t Hkv = kv.keys.dim(1), capacity = kv.keys.dim(2);
@@ -172,6 +193,7 @@ Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, i
 }
 
 void rope_inplace(Tensor& x, int64_t offset, float theta) {
+  DISPATCH_CUDA(x, rope_inplace(x, offset, theta));
   require_f32(x, "rope");
   const int64_t B = x.dim(0), L = x.dim(1), H = x.dim(2), Dh = x.dim(3);
   std::vector<int64_t> positions(size_t(B * L));
@@ -181,6 +203,7 @@ void rope_inplace(Tensor& x, int64_t offset, float theta) {
 }
 
 Tensor heads_first(const Tensor& x) {
+  DISPATCH_CUDA(x, heads_first(x));
   require_f32(x, "heads_first");
   const int64_t B = x.dim(0), L = x.dim(1), H = x.dim(2), Dh = x.dim(3);
   Tensor out = Tensor::empty({B, H, L, Dh});
@@ -214,6 +237,7 @@ std::pair<int64_t, int64_t> outer_inner(const Shape& shape, int axis) {
 
 Tensor concat(const std::vector<Tensor>& parts, int axis) {
   if (parts.empty()) throw_error(ErrorKind::Compute, "concat of nothing");
+  DISPATCH_CUDA(parts[0], concat(parts, axis));
   const int a = normalize_axis(axis, parts[0].ndim(), "concat");
   Shape shape = parts[0].shape();
   shape[size_t(a)] = 0;
@@ -239,6 +263,7 @@ Tensor concat(const std::vector<Tensor>& parts, int axis) {
 }
 
 Tensor slice(const Tensor& x, int axis, int64_t begin, int64_t end) {
+  DISPATCH_CUDA(x, slice(x, axis, begin, end));
   require_f32(x, "slice");
   const int a = normalize_axis(axis, x.ndim(), "slice");
   if (begin < 0 || end > x.dim(a) || begin > end)
@@ -254,6 +279,7 @@ Tensor slice(const Tensor& x, int axis, int64_t begin, int64_t end) {
 }
 
 Tensor repeat_batch(const Tensor& x, int64_t batch) {
+  DISPATCH_CUDA(x, repeat_batch(x, batch));
   require_f32(x, "repeat_batch");
   if (x.ndim() == 0 || x.dim(0) != 1) throw_error(ErrorKind::Compute, "repeat_batch needs [1, ...]");
   Shape shape = x.shape();
@@ -264,6 +290,7 @@ Tensor repeat_batch(const Tensor& x, int64_t batch) {
 }
 
 Tensor patchify(const Tensor& images, int64_t patch) {
+  DISPATCH_CUDA(images, patchify(images, patch));
   require_f32(images, "patchify");
   const int64_t B = images.dim(0), S = images.dim(1), C = images.dim(3);
   if (images.ndim() != 4 || images.dim(2) != S || patch <= 0 || S % patch != 0)
@@ -275,10 +302,23 @@ Tensor patchify(const Tensor& images, int64_t patch) {
 }
 
 Tensor to_f32(const Tensor& t) {
+  DISPATCH_CUDA(t, to_f32(t));
   if (!t.defined() || t.dtype() == DType::F32) return t;
   Tensor out = Tensor::empty(t.shape());
   cpu::widen(t.raw(), t.dtype(), t.numel(), out.data_mut<float>());
   return out;
+}
+
+void write_positions(Tensor& dst, const Tensor& src, int64_t at) {
+  DISPATCH_CUDA(dst, write_positions(dst, src, at));
+  require_f32(src, "write_positions");
+  const int64_t B = src.dim(0), H = src.dim(1), L = src.dim(2), D = src.dim(3);
+  if (dst.ndim() != 4 || dst.dim(0) != B || dst.dim(1) != H || dst.dim(3) != D || at < 0 ||
+      at + L > dst.dim(2))
+    throw_error(ErrorKind::Compute, "write_positions: " + shape_to_string(src.shape()) + " at " +
+                                        std::to_string(at) + " into " + shape_to_string(dst.shape()));
+  cpu::copy_rows(src.data<float>(), L * D, dst.data_mut<float>() + at * D, dst.dim(2) * D, B * H,
+                 L * D);
 }
 
 }  // namespace moxin::ops

@@ -30,6 +30,8 @@ Tensor self_attention_qkv(const Tensor& qkv, int64_t heads);
 Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window);
 // In place on x [B, L, H, Dh]: rotate-half RoPE at positions offset..offset+L-1.
 void rope_inplace(Tensor& x, int64_t offset, float theta);
+// dst [B, H, capacity, D][:, :, at : at + L] = src [B, H, L, D] (the KV cache append)
+void write_positions(Tensor& dst, const Tensor& src, int64_t at);
 // [B, L, H, Dh] -> [B, H, L, Dh]
 Tensor heads_first(const Tensor& x);
 // Shape plumbing (float32, contiguous).

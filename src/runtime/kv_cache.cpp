@@ -1,8 +1,8 @@
 #include "moxin/kv_cache.h"
 
-#include <cstring>
 
 #include "moxin/errors.h"
+#include "ops/ops.h"
 
 namespace moxin {
 
@@ -10,7 +10,7 @@ namespace {
 
 void check_pair(const Tensor& keys, const Tensor& values) {
   if (keys.ndim() != 4 || keys.shape() != values.shape() || keys.dtype() != DType::F32 ||
-      values.dtype() != DType::F32)
+      values.dtype() != DType::F32 || keys.device() != values.device())
     throw_error(ErrorKind::Compute, "KV cache update: keys " + shape_to_string(keys.shape()) +
                                         " and values " + shape_to_string(values.shape()) +
                                         " must be float32 [B, n_kv_heads, L, head_dim]");
@@ -24,16 +24,6 @@ void check_compatible(const Tensor& held, const Tensor& incoming) {
                                         " but the update is " + shape_to_string(b));
 }
 
-// Copies src [B, H, L_src, D] into dst [B, H, L_dst, D] at position `at` along L.
-void copy_positions(const Tensor& src, Tensor& dst, int64_t at) {
-  const int64_t B = src.dim(0), H = src.dim(1), L = src.dim(2), D = src.dim(3);
-  const int64_t dst_len = dst.dim(2);
-  const float* s = src.data<float>();
-  float* d = dst.data_mut<float>();
-  for (int64_t bh = 0; bh < B * H; ++bh)
-    std::memcpy(d + (bh * dst_len + at) * D, s + bh * L * D, size_t(L * D) * sizeof(float));
-}
-
 }  // namespace
 
 CachedKV ConcatKeyValueCache::update_and_fetch(const Tensor& keys, const Tensor& values) {
@@ -43,15 +33,8 @@ CachedKV ConcatKeyValueCache::update_and_fetch(const Tensor& keys, const Tensor&
     values_ = values.clone();
   } else {
     check_compatible(keys_, keys);
-    Shape shape = keys_.shape();
-    shape[2] += keys.dim(2);
-    Tensor new_keys = Tensor::empty(shape), new_values = Tensor::empty(shape);
-    copy_positions(keys_, new_keys, 0);
-    copy_positions(values_, new_values, 0);
-    copy_positions(keys, new_keys, offset_);
-    copy_positions(values, new_values, offset_);
-    keys_ = std::move(new_keys);
-    values_ = std::move(new_values);
+    keys_ = ops::concat({keys_, keys}, 2);
+    values_ = ops::concat({values_, values}, 2);
   }
   offset_ += keys.dim(2);
   return {keys_, values_, offset_};
@@ -63,23 +46,16 @@ void ConcatKeyValueCache::reset() {
   offset_ = 0;
 }
 
-void KVCache::grow(int64_t batch, int64_t heads, int64_t head_dim, int64_t needed) {
+void KVCache::grow(const Tensor& like, int64_t needed) {
   const int64_t steps = (needed + step_ - 1) / step_;
   const int64_t capacity = steps * step_;
-  Tensor keys = Tensor::zeros({batch, heads, capacity, head_dim});
-  Tensor values = Tensor::zeros({batch, heads, capacity, head_dim});
-  if (keys_.defined()) {
+  const Shape shape = {like.dim(0), like.dim(1), capacity, like.dim(3)};
+  Tensor keys = Tensor::zeros(shape, DType::F32, like.device());
+  Tensor values = Tensor::zeros(shape, DType::F32, like.device());
+  if (keys_.defined() && offset_ > 0) {
     // Only the valid prefix of each head moves; the rest of the old buffer is unused room.
-    const float* ks = keys_.data<float>();
-    const float* vs = values_.data<float>();
-    float* kd = keys.data_mut<float>();
-    float* vd = values.data_mut<float>();
-    for (int64_t bh = 0; bh < batch * heads; ++bh) {
-      std::memcpy(kd + bh * capacity * head_dim, ks + bh * capacity_ * head_dim,
-                  size_t(offset_ * head_dim) * sizeof(float));
-      std::memcpy(vd + bh * capacity * head_dim, vs + bh * capacity_ * head_dim,
-                  size_t(offset_ * head_dim) * sizeof(float));
-    }
+    ops::write_positions(keys, ops::slice(keys_, 2, 0, offset_), 0);
+    ops::write_positions(values, ops::slice(values_, 2, 0, offset_), 0);
   }
   keys_ = std::move(keys);
   values_ = std::move(values);
@@ -99,9 +75,9 @@ CachedKV KVCache::update_and_fetch(const Tensor& keys, const Tensor& values) {
   }
   if (keys_.defined()) check_compatible(keys_, keys);
   const int64_t needed = offset_ + keys.dim(2);
-  if (!keys_.defined() || needed > capacity_) grow(keys.dim(0), keys.dim(1), keys.dim(3), needed);
-  copy_positions(keys, keys_, offset_);
-  copy_positions(values, values_, offset_);
+  if (!keys_.defined() || needed > capacity_) grow(keys, needed);
+  ops::write_positions(keys_, keys, offset_);
+  ops::write_positions(values_, values, offset_);
   offset_ = needed;
   return {keys_, values_, offset_};
 }

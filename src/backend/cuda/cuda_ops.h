@@ -1,0 +1,32 @@
+// The ops of src/ops/ops.h for tensors on a CUDA device: same signatures, same semantics, same
+// float32 activations. ops.cpp forwards here when its input lives on the GPU.
+#pragma once
+
+#include <vector>
+
+#include "moxin/kv_cache.h"
+#include "moxin/model.h"
+#include "moxin/tensor.h"
+
+namespace moxin::cuda {
+
+Tensor linear(const Tensor& x, const Linear& layer);
+Tensor layer_norm(const Tensor& x, const LayerNorm& norm);
+Tensor rms_norm(const Tensor& x, const RMSNorm& norm);
+void gelu_inplace(Tensor& x);
+Tensor silu_mul(const Tensor& gate, const Tensor& up);
+void add_inplace(Tensor& x, const Tensor& y);
+void add_scaled_inplace(Tensor& x, const Tensor& y, const Tensor& scale);
+Tensor embedding(const Tensor& ids, const Tensor& table);
+Tensor self_attention_qkv(const Tensor& qkv, int64_t heads);
+Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window);
+void rope_inplace(Tensor& x, int64_t offset, float theta);
+Tensor heads_first(const Tensor& x);
+Tensor concat(const std::vector<Tensor>& parts, int axis);
+Tensor slice(const Tensor& x, int axis, int64_t begin, int64_t end);
+Tensor repeat_batch(const Tensor& x, int64_t batch);
+Tensor patchify(const Tensor& images, int64_t patch);
+void write_positions(Tensor& dst, const Tensor& src, int64_t at);
+Tensor to_f32(const Tensor& t);
+
+}  // namespace moxin::cuda
