@@ -179,10 +179,19 @@ class MoxinVLM {
   void quantize(int group_size, int bits);
 
   KVCacheList make_cache() const { return make_kv_caches(int64_t(layers.size())); }
+
+  // Moves every weight to `device` (bf16 and packed weights keep their dtype). Inputs given to
+  // forward() may live anywhere; they are moved to the model's device.
+  void to_device(Device device);
+  Device device() const { return embed_tokens.device(); }
+};
+
+struct LoadOptions {
+  Device device = Device::CPU;
 };
 
 // Loads a model directory: config.json (defaults where absent) and model.safetensors or the
 // shards of model.safetensors.index.json, in any of the layouts REFERENCE.md lists.
-MoxinVLM load_model(const std::filesystem::path& dir);
+MoxinVLM load_model(const std::filesystem::path& dir, const LoadOptions& options = {});
 
 }  // namespace moxin

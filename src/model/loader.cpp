@@ -3,6 +3,7 @@
 // vectors) happen here, once; large matrices stay memory-mapped in their stored dtype.
 #include <string>
 
+#include "core/device.h"
 #include "model/weight_lookup.h"
 #include "moxin/errors.h"
 #include "moxin/model.h"
@@ -40,7 +41,9 @@ DecoderLayer load_decoder_layer(const WeightMap& weights, const std::string& p,
 
 }  // namespace
 
-MoxinVLM load_model(const std::filesystem::path& dir) {
+MoxinVLM load_model(const std::filesystem::path& dir, const LoadOptions& options) {
+  // Fail before reading gigabytes when the device cannot be used at all.
+  device::require(options.device);
   std::error_code ec;
   if (!std::filesystem::is_directory(dir, ec))
     throw_error(ErrorKind::Io, dir.string() + ": not a model directory");
@@ -127,6 +130,7 @@ MoxinVLM load_model(const std::filesystem::path& dir) {
       layout.ignored.push_back(name);
     }
   }
+  model.to_device(options.device);
   return model;
 }
 

@@ -48,8 +48,8 @@ Tensor MoxinVLM::encode_image(const Tensor& dino_image, const Tensor& siglip_ima
     throw_error(ErrorKind::Request, "dino and siglip images must both be [B, H, W, 3] with the "
                                     "same B, got " + shape_to_string(dino_image.shape()) + " and " +
                                     shape_to_string(siglip_image.shape()));
-  Tensor a = dino.forward(dino_image);      // [B, N, Dd]
-  Tensor b = siglip.forward(siglip_image);  // [B, N, Ds]
+  Tensor a = dino.forward(dino_image.to_device(device()));      // [B, N, Dd]
+  Tensor b = siglip.forward(siglip_image.to_device(device()));  // [B, N, Ds]
   if (b.dim(1) != a.dim(1))
     throw_error(ErrorKind::Compute, "towers disagree on the number of patches");
   return projector.forward(ops::concat({a, b}, 2));  // [B, N, Dd + Ds] -> [B, N, hidden]
