@@ -61,6 +61,15 @@ MistralConfig parse_text_config(const json& obj) {
   c.vocab_size = get_int(obj, "vocab_size", c.vocab_size, scope);
   c.rms_norm_eps = get_float(obj, "rms_norm_eps", c.rms_norm_eps, scope);
   c.rope_theta = get_float(obj, "rope_theta", c.rope_theta, scope);
+  // transformers 5 writes the base inside rope_parameters; the flat key is the older form.
+  const auto rope = obj.find("rope_parameters");
+  if (rope != obj.end() && rope->is_object()) {
+    const auto type = rope->find("rope_type");
+    if (type != rope->end() && !(type->is_string() && type->get<std::string>() == "default"))
+      throw InvalidConfigError(scope + "rope_parameters.rope_type",
+                               "only the default rotary embedding is supported, got " + type->dump());
+    c.rope_theta = get_float(*rope, "rope_theta", c.rope_theta, scope + "rope_parameters.");
+  }
   c.tie_word_embeddings = get_bool(obj, "tie_word_embeddings", c.tie_word_embeddings, scope);
   c.head_dim = get_int(obj, "head_dim", c.head_dim, scope);
   c.max_position_embeddings =
