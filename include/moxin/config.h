@@ -5,6 +5,7 @@
 #include <array>
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -54,12 +55,20 @@ struct ViTConfig {
   void validate(const std::string& name) const;
 };
 
+// MLX affine quantization of the decoder's linear layers: config.json's "quantization" block.
+struct QuantizationInfo {
+  int group_size = 64;
+  int bits = 4;
+};
+
 struct VLMConfig {
   MistralConfig text_config;
   std::array<int64_t, 2> image_sizes = {224, 224};
   int64_t image_token_index = 32000;
   int64_t pad_token_id = 32000;
   std::vector<std::string> timm_model_ids;
+  // Present when the checkpoint's (or the model's, after quantize()) linear layers are packed.
+  std::optional<QuantizationInfo> quantization;
 
   // Parses config.json text; `source` names the file in errors (Json / InvalidConfig).
   static VLMConfig parse(const std::string& json_text, const std::string& source = "config.json");

@@ -18,6 +18,7 @@ namespace moxin {
 
 struct QuantizedTensor;  // moxin/quantize.h
 
+
 // y = x W^T + b. `weight` [out, in] stays in its stored dtype; when `quantized` is set it holds
 // the MLX-packed form instead and `weight` is empty.
 struct Linear {
@@ -175,7 +176,9 @@ class MoxinVLM {
   // for the last `last_n` positions (all when < 0).
   Tensor forward_embeddings(const Tensor& embeddings, KVCacheList& cache, int64_t last_n = -1);
 
-  // Quantizes the decoder's linear layers and lm_head (MLX affine); towers and projector stay.
+  // Quantizes the decoder's linear layers and lm_head (MLX affine, on the CPU, before moving to
+  // a GPU); towers and projector stay in their stored dtype, as the original crate does.
+  // Layers whose input width does not divide by group_size stay dense, with a line on stderr.
   void quantize(int group_size, int bits);
 
   KVCacheList make_cache() const { return make_kv_caches(int64_t(layers.size())); }

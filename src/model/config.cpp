@@ -168,6 +168,14 @@ VLMConfig VLMConfig::parse(const std::string& json_text, const std::string& sour
   if (ids != root.end() && ids->is_array())
     for (const auto& id : *ids)
       if (id.is_string()) c.timm_model_ids.push_back(id.get<std::string>());
+  const auto quant = root.find("quantization");
+  if (quant != root.end() && !quant->is_null()) {
+    if (!quant->is_object()) throw InvalidConfigError("quantization", "must be an object");
+    QuantizationInfo q;
+    q.group_size = int(get_int(*quant, "group_size", q.group_size, "quantization."));
+    q.bits = int(get_int(*quant, "bits", q.bits, "quantization."));
+    c.quantization = q;
+  }
   c.validate();
   return c;
 }
@@ -184,6 +192,13 @@ void VLMConfig::validate() const {
   text_config.validate();
   require_range("image_sizes[0]", image_sizes[0], 1, 8192);
   require_range("image_sizes[1]", image_sizes[1], 1, 8192);
+  if (quantization) {
+    const int bits = quantization->bits, group = quantization->group_size;
+    if (bits < 2 || bits > 8 || bits == 7)
+      throw InvalidConfigError("quantization.bits", "must be 2, 3, 4, 5, 6 or 8, got " + std::to_string(bits));
+    if (group != 32 && group != 64 && group != 128)
+      throw InvalidConfigError("quantization.group_size", "must be 32, 64 or 128, got " + std::to_string(group));
+  }
   if (image_sizes[0] != image_sizes[1])
     throw InvalidConfigError("image_sizes", "only square inputs are supported, got " +
                                                 std::to_string(image_sizes[0]) + "x" +

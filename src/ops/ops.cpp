@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_kernels.h"
+#include "backend/cpu/quantized_matmul.h"
 #include "core/device.h"
 #include "moxin/errors.h"
 
@@ -48,7 +49,7 @@ Tensor linear(const Tensor& x, const Linear& layer) {
   Tensor y = Tensor::empty(with_last(x.shape(), out_features));
   const float* bias = layer.bias.defined() ? layer.bias.data<float>() : nullptr;
   if (layer.quantized) {
-    throw_error(ErrorKind::Compute, "quantized linear layers are not wired in yet");
+    cpu::quantized_matmul(x.data<float>(), M, *layer.quantized, bias, y.data_mut<float>());
   } else {
     cpu::matmul_nt(x.data<float>(), M, in, layer.weight.raw(), layer.weight.dtype(), out_features,
                    bias, y.data_mut<float>());
