@@ -193,6 +193,11 @@ struct LoadOptions {
   Device device = Device::CPU;
 };
 
+// Writes `model` to `dir` as config.json + model.safetensors in the HF-converted layout, with
+// quantized layers as mlx-lm stores them and a "quantization" block in config.json; load_model
+// reads it back to identical tensors. Tokenizer files are the caller's to copy.
+void save_model(const MoxinVLM& model, const std::filesystem::path& dir);
+
 // Loads a model directory: config.json (defaults where absent) and model.safetensors or the
 // shards of model.safetensors.index.json, in any of the layouts REFERENCE.md lists.
 MoxinVLM load_model(const std::filesystem::path& dir, const LoadOptions& options = {});

@@ -14,9 +14,11 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/model_options.h"
 #include "moxin/errors.h"
 #include "moxin/image.h"
 #include "moxin/model.h"
+#include "moxin/quantize.h"
 
 namespace moxin::cli {
 
@@ -57,7 +59,12 @@ double measure_read_bandwidth_gbs(size_t bytes) {
 // Bytes a decode step must read: every decoder matrix and the lm_head (embedding lookups and
 // the KV cache are negligible at short context).
 double decode_weight_bytes(const MoxinVLM& model) {
-  auto bytes = [](const Linear& l) { return double(l.weight.nbytes()); };
+  auto bytes = [](const Linear& l) {
+    if (l.quantized)
+      return double(l.quantized->weight.nbytes() + l.quantized->scales.nbytes() +
+                    l.quantized->biases.nbytes());
+    return double(l.weight.nbytes());
+  };
   double total = bytes(model.lm_head);
   for (const auto& layer : model.layers) {
     const auto& a = layer.self_attn;
@@ -68,14 +75,16 @@ double decode_weight_bytes(const MoxinVLM& model) {
   return total;
 }
 
-int32_t argmax_last(const Tensor& logits) {
+int32_t argmax_last(const Tensor& device_logits) {
+  const Tensor logits = device_logits.to_device(Device::CPU);
   const int64_t V = logits.dim(-1);
   const float* row = logits.data<float>() + logits.numel() - V;
   return int32_t(std::max_element(row, row + V) - row);
 }
 
 struct BenchOptions {
-  std::string model, image;
+  ModelOptions model;
+  std::string image;
   int prompt_tokens = 24;
   int decode_tokens = 8;
   bool json = true;
@@ -93,7 +102,12 @@ int run_bench(const BenchOptions& o) {
   report["mem_read_bandwidth_gbs"] = bandwidth;
 
   auto start = Clock::now();
-  MoxinVLM model = load_model(o.model);
+  MoxinVLM model = load_model_for(o.model);
+  if (model.config.quantization) {
+    report["quantization_bits"] = model.config.quantization->bits;
+    report["quantization_group_size"] = model.config.quantization->group_size;
+  }
+  report["device"] = o.model.device;
   report["load_s"] = seconds_since(start);
 
   const int64_t size = model.config.image_sizes[0];
@@ -173,7 +187,7 @@ int run_bench(const BenchOptions& o) {
 Command add_bench(CLI::App& app) {
   auto* cmd = app.add_subcommand("bench", "Measure load, vision, prefill and decode; prints JSON");
   auto o = std::make_shared<BenchOptions>();
-  cmd->add_option("--model", o->model, "model directory")->required();
+  add_model_options(*cmd, o->model);
   cmd->add_option("--image", o->image, "image file (default: a synthetic 224x224 image)");
   cmd->add_option("--prompt-tokens", o->prompt_tokens, "text tokens in the prompt, BOS included")
       ->capture_default_str();

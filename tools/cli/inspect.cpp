@@ -47,6 +47,9 @@ int run_inspect(const std::string& dir) {
               (long long)tc.resolved_head_dim(), (long long)tc.intermediate_size,
               (long long)tc.vocab_size, double(tc.rms_norm_eps), double(tc.rope_theta),
               (long long)tc.sliding_window, l.tied_embeddings ? "tied" : "untied");
+  if (model.config.quantization)
+    std::printf("quantized   MLX affine, %d bits, group size %d\n", model.config.quantization->bits,
+                model.config.quantization->group_size);
   int64_t total = 0;
   std::printf("parameters\n");
   for (const auto& [dtype, count] : l.parameters_by_dtype) {
