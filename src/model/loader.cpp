@@ -114,7 +114,8 @@ MoxinVLM load_model(const std::filesystem::path& dir, const LoadOptions& options
     model.layers.push_back(
         load_decoder_layer(weights, d + "model.layers." + std::to_string(i) + ".", tc));
   model.norm = {expect_vector_f32(weights, d + "model.norm.weight", tc.hidden_size), tc.rms_norm_eps};
-  const bool has_head = weights.contains(d + "lm_head.weight");
+  const bool has_head =
+      weights.contains(d + "lm_head.weight") || weights.contains(d + "lm_head.scales");
   layout.tied_embeddings = tc.tie_word_embeddings || !has_head;
   if (layout.tied_embeddings) {
     model.lm_head.weight = model.embed_tokens;
