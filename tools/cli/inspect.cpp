@@ -1,5 +1,7 @@
 // `moxin-vlm inspect --model DIR`: what a checkpoint holds and whether it loads.
 #include <cstdio>
+#include <filesystem>
+#include <map>
 #include <string>
 
 #include "cli/commands.h"
@@ -21,8 +23,38 @@ void print_tower(const char* name, const ViTEncoder& tower, const std::string& p
               c.has_layer_scale ? "yes" : "no", (long long)c.feature_block());
 }
 
+// When the model does not load: what the directory holds, so the problem can be located.
+void print_partial(const std::string& dir) {
+  std::printf("checkpoint  %s\n", dir.c_str());
+  std::error_code ec;
+  std::printf("  config.json %s\n",
+              std::filesystem::exists(std::filesystem::path(dir) / "config.json", ec) ? "found" : "absent");
+  try {
+    const WeightMap weights = load_safetensors_dir(dir);
+    std::map<std::string, std::pair<int64_t, int64_t>> by_root;  // first name part -> tensors, elements
+    for (const auto& name : weights.names()) {
+      auto& entry = by_root[name.substr(0, name.find('.'))];
+      entry.first += 1;
+      entry.second += weights.get(name).numel();
+    }
+    std::printf("  %zu tensors:\n", weights.size());
+    for (const auto& [root, counts] : by_root)
+      std::printf("    %-20s %lld tensors, %lld parameters\n", root.c_str(),
+                  (long long)counts.first, (long long)counts.second);
+  } catch (const Error& e) {
+    std::printf("  weights unreadable: %s\n", e.what());
+  }
+}
+
 int run_inspect(const std::string& dir) {
-  const MoxinVLM model = load_model(dir);
+  MoxinVLM model;
+  try {
+    model = load_model(dir);
+  } catch (const Error& e) {
+    print_partial(dir);
+    std::printf("status      does not load: %s: %s\n", error_kind_name(e.kind()), e.what());
+    throw;
+  }
   const CheckpointLayout& l = model.layout;
   const MistralConfig& tc = model.config.text_config;
   std::printf("checkpoint  %s\n", l.directory.c_str());
