@@ -16,5 +16,7 @@ ctest --test-dir build --output-on-failure -j "$jobs"
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOXIN_SANITIZE=ON \
   -DMOXIN_WERROR=ON >/dev/null
 cmake --build build-asan -j "$jobs"
+# The real-size towers run the same code as the tiny ones at 200x the arithmetic; under the
+# sanitizers they would only add time, so that one parity case runs in the release build alone.
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  ctest --test-dir build-asan --output-on-failure -j "$jobs"
+  ctest --test-dir build-asan --output-on-failure -j "$jobs" -E "real_towers"
