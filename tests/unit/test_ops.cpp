@@ -5,6 +5,7 @@
 #include <random>
 
 #include "backend/cpu/cpu_kernels.h"
+#include "backend/cpu/half_gemv.h"
 #include "moxin/errors.h"
 #include "moxin/kv_cache.h"
 #include "ops/ops.h"
@@ -70,6 +71,33 @@ INSTANTIATE_TEST_SUITE_P(
                       std::tuple{int64_t(33), int64_t(64), int64_t(31), DType::F32},
                       std::tuple{int64_t(257), int64_t(96), int64_t(130), DType::BF16},
                       std::tuple{int64_t(17), int64_t(1152), int64_t(4304), DType::BF16}));
+
+// The decode kernels, each instruction set this CPU has, against the BLAS path.
+TEST(HalfGemv, EveryInstructionSetMatchesBlas) {
+  for (const auto isa : {cpu::HalfGemvIsa::Avx2, cpu::HalfGemvIsa::Avx512})
+    for (const DType dtype : {DType::BF16, DType::F16})
+      for (const auto [M, K, N] : {std::tuple{1, 31, 33}, std::tuple{4, 4304, 9}, std::tuple{2, 17, 5}}) {
+        SCOPED_TRACE("M=" + std::to_string(M) + " K=" + std::to_string(K) + " N=" + std::to_string(N));
+        const Tensor x = random_tensor({M, K}, kSeed);
+        const Tensor w = random_tensor({N, K}, kSeed + 1, 0.1f).to(dtype);
+        const auto bias = random_vector(size_t(N), kSeed + 2);
+        std::vector<float> y(size_t(M * N));
+        if (!cpu::half_gemv(x.data<float>(), M, K, w.data<uint16_t>(), dtype, N, bias.data(),
+                            y.data(), isa)) {
+          std::printf("instruction set %d not available on this CPU\n", int(isa));
+          continue;
+        }
+        const auto w_exact = w.to_vector();
+        std::vector<double> ref(size_t(M * N));
+        for (int m = 0; m < M; ++m)
+          for (int n = 0; n < N; ++n) {
+            double acc = bias[size_t(n)];
+            for (int k = 0; k < K; ++k) acc += double(x.data<float>()[m * K + k]) * w_exact[size_t(n * K + k)];
+            ref[size_t(m * N + n)] = acc;
+          }
+        EXPECT_LE(max_rel_error(y.data(), ref), 1e-5);
+      }
+}
 
 // Attention against a direct evaluation of softmax(q k^T * scale + mask) v.
 void check_attention(int64_t Lq, int64_t Lk, int64_t Hq, int64_t Hkv, int64_t Dh, bool causal,

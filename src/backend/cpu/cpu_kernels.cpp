@@ -9,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "backend/cpu/half_gemv.h"
 #include "moxin/errors.h"
 
 namespace moxin::cpu {
@@ -61,6 +62,8 @@ void widen(const void* src, DType dtype, int64_t n, float* out) {
 void matmul_nt(const float* x, int64_t M, int64_t K, const void* w, DType w_dtype, int64_t N,
                const float* bias, float* y) {
   if (M == 0 || N == 0) return;
+  if (M <= kHalfGemvMaxRows && half_gemv(x, M, K, static_cast<const uint16_t*>(w), w_dtype, N, bias, y))
+    return;
   if (w_dtype == DType::F32) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(M), int(N), int(K), 1.0f, x, int(K),
                 static_cast<const float*>(w), int(K), 0.0f, y, int(N));
