@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Packs what the GPU machine runs (built here, carried there): the CLI, the CUDA tests and the
+# one shared library the GPU image lacks (sentencepiece), stripped and xz-compressed so the
+# carried build stays under the device tool's 64 MiB. Usage: bench/gpu/pack_dist.sh [BUILD_DIR]
+set -euo pipefail
+build="${1:-build-cuda}"
+rm -rf "$build/dist" "$build/dist.tar.xz"
+mkdir -p "$build/dist"
+cp "$build/moxin-vlm" "$build/tests/test_cuda_ops" "$build/tests/test_cuda_model" "$build/dist/"
+cp "$(ldconfig -p | awk '/libsentencepiece.so.0 /{print $NF; exit}')" "$build/dist/"
+strip "$build/dist/moxin-vlm" "$build/dist/test_cuda_ops" "$build/dist/test_cuda_model"
+tar -C "$build/dist" -cJf "$build/dist.tar.xz" .
+ls -la "$build/dist.tar.xz"
