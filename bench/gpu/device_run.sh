@@ -21,12 +21,12 @@ ldd "$dist/moxin-vlm" | grep -i "not found" && echo "missing libraries"
 if [[ $what != tests ]]; then
   [[ -f /tmp/moxin-full/config.json ]] || \
     (python3 reference/make_checkpoints.py --variant full --out /tmp/moxin-full \
-       >"$out/gen_full.log" 2>&1; echo "full: rc=$?" >>"$out/gen_full.log") &
+       >/tmp/gen_full.log 2>&1; echo "full: rc=$?" >>/tmp/gen_full.log) &
 fi
 if [[ $what != bench ]]; then
   for v in tiny-hf tiny-native tiny-f32 real-towers; do
     (python3 reference/make_checkpoints.py --variant "$v" --out "tests/fixtures/checkpoints/$v" \
-       >"$out/gen_$v.log" 2>&1) &
+       >"/tmp/gen_$v.log" 2>&1) &
   done
   echo "== test_cuda_ops"
   timeout 180 "$dist/test_cuda_ops" 2>&1 | tee "$out/test_cuda_ops.log" | grep -E "OK|FAIL|Failure|rel|PASSED|SKIPPED|error"
@@ -36,6 +36,6 @@ if [[ $what != bench ]]; then
 fi
 if [[ $what != tests ]]; then
   while [[ ! -f /tmp/moxin-full/config.json ]] || pgrep -f "variant full" >/dev/null; do sleep 3; done
-  tail -2 "$out/gen_full.log"
+  tail -2 /tmp/gen_full.log
   bench/gpu/run_bench.sh "$dist/moxin-vlm" "$out" /tmp/moxin-full
 fi

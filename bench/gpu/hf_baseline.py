@@ -73,7 +73,9 @@ def main():
         lm = MistralForCausalLM(config)
     state = load_prefixed(args.model, "language_model.")
     lm.load_state_dict(state, strict=True, assign=True)
-    lm = lm.to(torch.bfloat16).cuda().eval()
+    # Non-persistent buffers (rotary inv_freq) are not in the checkpoint: rebuild them for real.
+    lm.model.rotary_emb = type(lm.model.rotary_emb)(config=config)
+    lm = lm.cuda().eval()
     del state
     load_s = time.time() - t0
 

@@ -13,20 +13,20 @@ ckpt="${3:-/tmp/moxin-full}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem \
-  --format=csv | tee "$out/gpu.txt"
+  --format=csv | tee -a "$out/gpu.txt"
 if [[ ! -f "$ckpt/config.json" ]]; then
   echo "generating the full-size checkpoint into $ckpt ..."
-  python3 "$repo/reference/make_checkpoints.py" --variant full --out "$ckpt" >"$out/gen_full.log" 2>&1 || exit 1
+  python3 "$repo/reference/make_checkpoints.py" --variant full --out "$ckpt" >/tmp/gen_full.log 2>&1 || exit 1
 fi
 for bits in 0 8 4; do
   args=(bench --model "$ckpt" --device cuda --prompt-tokens 24 --decode-tokens 128)
   name=bf16
   if [[ $bits != 0 ]]; then args+=(--quantize "$bits" --group-size 64); name="q${bits}"; fi
   echo "== moxin-vlm $name"
-  timeout 240 "$bin" "${args[@]}" >"$out/bench_${name}.json" 2>"$out/bench_${name}.err"
-  echo "rc=$?"; cat "$out/bench_${name}.json"; tail -3 "$out/bench_${name}.err"
+  timeout 240 "$bin" "${args[@]}" >"$out/bench_${name}.json" 2>>"$out/bench.err"
+  echo "rc=$?"; cat "$out/bench_${name}.json"; tail -3 "$out/bench.err"
 done
 echo "== HF transformers bf16"
 PYTHONUNBUFFERED=1 timeout 300 python3 "$repo/bench/gpu/hf_baseline.py" --model "$ckpt" \
-  --prompt-tokens 24 --decode-tokens 64 >"$out/bench_hf.json" 2>"$out/bench_hf.err"
-echo "rc=$?"; cat "$out/bench_hf.json"; tail -5 "$out/bench_hf.err"
+  --prompt-tokens 24 --decode-tokens 64 >"$out/bench_hf.json" 2>>"$out/bench.err"
+echo "rc=$?"; cat "$out/bench_hf.json"; tail -5 "$out/bench.err"

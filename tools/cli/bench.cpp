@@ -19,6 +19,12 @@
 #include "moxin/image.h"
 #include "moxin/model.h"
 #include "moxin/quantize.h"
+#include "ops/ops.h"
+
+#if MOXIN_WITH_CUDA
+#include "backend/cuda/cuda_graph.h"
+#include "backend/cuda/cuda_runtime.h"
+#endif
 
 namespace moxin::cli {
 
@@ -90,9 +96,139 @@ struct BenchOptions {
   bool json = true;
 };
 
+#if MOXIN_WITH_CUDA
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// The GPU bench: every timed region ends with a stream synchronisation; each number is the
+// median of several runs after a warm-up; decode runs through the recorded CUDA graph.
+int run_bench_cuda(const BenchOptions& o) {
+  nlohmann::json report;
+  report["device"] = "cuda";
+  report["gpu"] = cuda::describe();
+  std::fprintf(stderr, "measuring GPU copy bandwidth...\n");
+  const double bandwidth = cuda::measure_copy_bandwidth_gbs();
+  report["gpu_copy_bandwidth_gbs"] = bandwidth;
+
+  cuda::reset_peak_memory();
+  auto start = Clock::now();
+  MoxinVLM model = load_model_for(o.model);
+  cuda::synchronize();
+  report["load_s"] = seconds_since(start);
+  if (model.config.quantization) {
+    report["quantization_bits"] = model.config.quantization->bits;
+    report["quantization_group_size"] = model.config.quantization->group_size;
+  }
+  const double weights_gb = double(cuda::memory_stats().pool_used_peak) / 1e9;
+  report["weights_on_gpu_gb"] = weights_gb;
+
+  const int64_t size = model.config.image_sizes[0];
+  Image image;
+  if (!o.image.empty()) {
+    image = load_image(o.image);
+  } else {
+    image.width = image.height = int(size);
+    image.rgb.resize(size_t(size * size * 3));
+    for (size_t i = 0; i < image.rgb.size(); ++i) image.rgb[i] = uint8_t(i * 7 % 251);
+  }
+  const PreprocessedImage pixels = preprocess_image(image, size);
+  // The preprocessed image is uploaded once; TTFT below includes the upload.
+  Tensor ids = Tensor::empty({1, o.prompt_tokens}, DType::I32);
+  const int64_t vocab = model.config.text_config.vocab_size;
+  for (int i = 0; i < o.prompt_tokens; ++i)
+    ids.data_mut<int32_t>()[i] = i == 0 ? 1 : int32_t((i * 7919) % std::min<int64_t>(vocab, 32000));
+
+  const int repeats = 7;
+  std::vector<double> vision, ttft, prefill;
+  Tensor visual;
+  for (int r = 0; r < repeats + 1; ++r) {
+    start = Clock::now();
+    visual = model.encode_image(pixels.dino, pixels.siglip);
+    cuda::synchronize();
+    if (r) vision.push_back(seconds_since(start) * 1e3);
+    KVCacheList cache;
+    start = Clock::now();
+    Tensor logits = model.forward(pixels.dino, pixels.siglip, ids, cache, 1);
+    const int32_t first = cuda::argmax_last(logits);  // the first token on the host
+    if (r) ttft.push_back(seconds_since(start) * 1e3);
+    (void)first;
+  }
+  report["vision_ms"] = median(vision);
+  report["ttft_ms"] = median(ttft);
+  {
+    Tensor text = model.embed(ids);
+    const int64_t L = ids.dim(1);
+    Tensor fused = ops::concat({ops::slice(text, 1, 0, 1), visual, ops::slice(text, 1, 1, L)}, 1);
+    for (int r = 0; r < repeats + 1; ++r) {
+      KVCacheList fresh;
+      start = Clock::now();
+      model.forward_embeddings(fused, fresh, 1);
+      cuda::synchronize();
+      if (r) prefill.push_back(seconds_since(start));
+    }
+    report["prefill_positions"] = fused.dim(1);
+    report["prefill_ms"] = median(prefill) * 1e3;
+    report["prefill_tok_s"] = double(fused.dim(1)) / median(prefill);
+  }
+
+  // Decode: eager (every op launched from the host) and the recorded graph.
+  const int n = o.decode_tokens;
+  const int64_t capacity = o.prompt_tokens + model.dino.config.num_patches() + n + 16;
+  {
+    KVCacheList cache;
+    Tensor logits = model.forward(pixels.dino, pixels.siglip, ids, cache, 1);
+    int32_t token = cuda::argmax_last(logits);
+    const int eager_n = std::min(n, 32);
+    start = Clock::now();
+    for (int i = 0; i < eager_n; ++i) {
+      Tensor t = Tensor::empty({1, 1}, DType::I32);
+      t.data_mut<int32_t>()[0] = token;
+      token = cuda::argmax_last(model.decode_token(t, cache));
+    }
+    report["decode_eager_tok_s"] = eager_n / seconds_since(start);
+  }
+  cuda::DecodeGraph graph(model, capacity);
+  Tensor logits = model.forward(pixels.dino, pixels.siglip, ids, graph.caches(), 1);
+  graph.generate_greedy(logits, 4);  // records the graph and warms it up
+  for (auto& c : graph.caches()) c->reset();
+  logits = model.forward(pixels.dino, pixels.siglip, ids, graph.caches(), 1);
+  cuda::synchronize();
+  start = Clock::now();
+  const std::vector<int32_t> tokens = graph.generate_greedy(logits, n + 1);
+  const double decode_s = seconds_since(start);
+  const double tok_s = n / decode_s;
+  const double weight_bytes = decode_weight_bytes(model);
+  report["decode_tokens"] = n;
+  report["decode_tok_s"] = tok_s;
+  report["decode_ms_per_token"] = decode_s / n * 1e3;
+  report["host_us_per_token"] = graph.host_us_per_token();
+  report["decode_weight_gb"] = weight_bytes / 1e9;
+  report["decode_roofline_tok_s"] = bandwidth * 1e9 / weight_bytes;
+  report["decode_fraction_of_roofline"] = tok_s / (bandwidth * 1e9 / weight_bytes);
+  const auto& tc = model.config.text_config;
+  const double kv_gb = double(model.layers.size()) * 2.0 * double(tc.num_key_value_heads) *
+                       double(capacity) * double(tc.resolved_head_dim()) * 4.0 / 1e9;
+  report["kv_cache_gb"] = kv_gb;
+  const cuda::MemoryStats mem = cuda::memory_stats();
+  const double peak = double(mem.pool_reserved_peak + mem.other_bytes) / 1e9;
+  report["peak_gpu_mem_gb"] = peak;
+  report["peak_gpu_mem_over_weights_kv_gb"] = peak - weights_gb - kv_gb;
+  report["device_used_gb"] = double(mem.device_used) / 1e9;
+  report["peak_rss_gb"] = peak_rss_gib() * 1.073741824;
+  report["first_tokens"] = std::vector<int32_t>(tokens.begin(), tokens.begin() + std::min<size_t>(8, tokens.size()));
+  std::printf("%s\n", report.dump(2).c_str());
+  return 0;
+}
+#endif
+
 int run_bench(const BenchOptions& o) {
   if (o.prompt_tokens < 1 || o.decode_tokens < 1)
     throw_error(ErrorKind::Request, "--prompt-tokens and --decode-tokens must be at least 1");
+#if MOXIN_WITH_CUDA
+  if (o.model.device == "cuda") return run_bench_cuda(o);
+#endif
   nlohmann::json report;
   report["threads"] = omp_get_max_threads();
   report["hardware_threads"] = std::thread::hardware_concurrency();

@@ -1,5 +1,6 @@
 // The CUDA runtime as the rest of the library sees it: device discovery, memory, copies.
-// Compiled only with MOXIN_WITH_CUDA; core/device.cpp is its one caller outside the backend.
+// Compiled only with MOXIN_WITH_CUDA; core/device.cpp is its one caller outside the backend
+// (the bench and the tests also read the memory statistics and the copy bandwidth).
 #pragma once
 
 #include <cstddef>
@@ -16,5 +17,19 @@ std::shared_ptr<void> allocate(size_t bytes);  // device memory, freed when the 
 void copy(void* dst, bool dst_on_device, const void* src, bool src_on_device, size_t bytes);
 void fill_zero(void* data, size_t bytes);
 void synchronize();
+
+struct MemoryStats {
+  size_t pool_reserved_peak = 0;  // high-water mark of the stream-ordered pool (weights too)
+  size_t pool_used_peak = 0;      // high-water mark of live pool allocations
+  size_t other_bytes = 0;         // cuBLASLt workspace, decode-graph arenas
+  size_t device_used = 0;         // total - free as the driver reports it (context included)
+  size_t device_total = 0;
+};
+MemoryStats memory_stats();
+void reset_peak_memory();  // restarts the pool's high-water marks at the current use
+
+// Median device-to-device copy rate of a buffer far larger than L2, counting bytes read plus bytes
+// written (the convention of the card's datasheet and of METHOD.md), GB/s.
+double measure_copy_bandwidth_gbs(size_t bytes = size_t(2) << 30);
 
 }  // namespace moxin::cuda

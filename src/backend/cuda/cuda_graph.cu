@@ -1,0 +1,279 @@
+#include "backend/cuda/cuda_graph.h"
+
+#include <chrono>
+#include <string>
+
+#include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/cuda_runtime.h"
+#include "moxin/errors.h"
+#include "ops/ops.h"
+
+namespace moxin::cuda {
+
+namespace {
+
+constexpr size_t kArenaBytes = size_t(96) << 20;  // a 7B decode step records ~12 MiB
+
+// out = argmax of `row` (first index among equal maxima, as std::max_element); optionally
+// advances the recorded step's position delta.
+__global__ void __launch_bounds__(1024) argmax_kernel(const float* __restrict__ row, int64_t n,
+                                                      int32_t* out, int* delta) {
+  __shared__ float best_v[32];
+  __shared__ int32_t best_i[32];
+  float v = -INFINITY;
+  int32_t idx = 0x7fffffff;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const float x = row[i];
+    if (x > v || (x == v && int32_t(i) < idx)) {
+      v = x;
+      idx = int32_t(i);
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int32_t oi = __shfl_xor_sync(0xffffffffu, idx, o);
+    if (ov > v || (ov == v && oi < idx)) {
+      v = ov;
+      idx = oi;
+    }
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    best_v[warp] = v;
+    best_i[warp] = idx;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = (blockDim.x + 31) / 32;
+    v = lane < warps ? best_v[lane] : -INFINITY;
+    idx = lane < warps ? best_i[lane] : 0x7fffffff;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+      const int32_t oi = __shfl_xor_sync(0xffffffffu, idx, o);
+      if (ov > v || (ov == v && oi < idx)) {
+        v = ov;
+        idx = oi;
+      }
+    }
+    if (lane == 0) {
+      *out = idx == 0x7fffffff ? 0 : idx;  // all-NaN row: token 0 rather than garbage
+      if (delta) *delta += 1;
+    }
+  }
+}
+
+void launch_argmax(const Tensor& logits, int32_t* out, int* delta) {
+  const int64_t V = logits.dim(-1);
+  const float* row = logits.data<float>() + logits.numel() - V;
+  argmax_kernel<<<1, 1024, 0, stream()>>>(row, V, out, delta);
+  MOXIN_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+int32_t argmax_last(const Tensor& logits) {
+  if (logits.device() != Device::CUDA || logits.dtype() != DType::F32 || logits.numel() == 0)
+    throw_error(ErrorKind::Compute, "argmax_last: float32 logits on the GPU expected");
+  Tensor out = Tensor::empty({1}, DType::I32, Device::CUDA);
+  launch_argmax(logits, out.data_mut<int32_t>(), nullptr);
+  return out.to_device(Device::CPU).data<int32_t>()[0];
+}
+
+// ---------------------------------------------------------------------------------------------
+
+CachedKV StaticKVCache::update_and_fetch(const Tensor& keys, const Tensor& values) {
+  if (keys.ndim() != 4 || keys.shape() != values.shape() || keys.dtype() != DType::F32 ||
+      keys.device() != Device::CUDA || values.device() != Device::CUDA)
+    throw_error(ErrorKind::Compute, "static KV cache: keys and values must be float32 "
+                                    "[B, n_kv_heads, L, head_dim] on the GPU");
+  if (!keys_.defined()) {
+    if (capturing())
+      throw_error(ErrorKind::Compute, "static KV cache: run the prefill before recording a step");
+    const Shape shape = {keys.dim(0), keys.dim(1), capacity_, keys.dim(3)};
+    keys_ = Tensor::zeros(shape, DType::F32, Device::CUDA);
+    values_ = Tensor::zeros(shape, DType::F32, Device::CUDA);
+  }
+  if (keys.dim(0) != keys_.dim(0) || keys.dim(1) != keys_.dim(1) || keys.dim(3) != keys_.dim(3))
+    throw_error(ErrorKind::Compute, "static KV cache holds " + shape_to_string(keys_.shape()) +
+                                        " but the update is " + shape_to_string(keys.shape()));
+  if (offset_ + keys.dim(2) > capacity_)
+    throw_error(ErrorKind::Request, "KV cache capacity of " + std::to_string(capacity_) +
+                                        " positions exceeded");
+  ops::write_positions(keys_, keys, offset_);
+  ops::write_positions(values_, values, offset_);
+  offset_ += keys.dim(2);
+  return {keys_, values_, offset_};
+}
+
+void StaticKVCache::advance(int64_t n) {
+  if (offset_ + n > capacity_)
+    throw_error(ErrorKind::Request, "KV cache capacity of " + std::to_string(capacity_) +
+                                        " positions exceeded");
+  offset_ += n;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct DecodeGraph::Impl {
+  Tensor token;   // I32 [1, 1]: the step's input, overwritten by the step's own argmax
+  Tensor delta;   // I32 [1]: position now minus position at recording
+  Tensor logits;  // [1, 1, vocab] in the arena
+  CaptureArena arena;
+  int32_t* pinned = nullptr;  // host-visible token slots
+  int pinned_count = 0;
+  cudaGraph_t graph = nullptr;
+  int64_t capture_offset = 0;  // cache offset when the step was recorded
+  int delta_host = 0;          // host mirror of *delta after the work queued so far
+  int delta_staging = 0;
+
+  ~Impl() {
+    if (graph) cudaGraphDestroy(graph);
+    if (arena.base) {
+      cudaFree(arena.base);
+      add_other_bytes(-std::ptrdiff_t(arena.size));
+    }
+    if (pinned) cudaFreeHost(pinned);
+  }
+
+  int32_t* pinned_slots(int n) {
+    if (n > pinned_count) {
+      if (pinned) MOXIN_CUDA_CHECK(cudaFreeHost(pinned));
+      pinned = nullptr;
+      MOXIN_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned), size_t(n) * 4));
+      pinned_count = n;
+    }
+    return pinned;
+  }
+};
+
+DecodeGraph::DecodeGraph(MoxinVLM& model, int64_t capacity)
+    : model_(model), impl_(std::make_unique<Impl>()) {
+  if (model.device() != Device::CUDA)
+    throw_error(ErrorKind::Request, "decode graphs need a model on the GPU");
+  if (capacity < 1 || capacity > model.config.text_config.max_position_embeddings)
+    throw_error(ErrorKind::Request, "decode graph capacity " + std::to_string(capacity) +
+                                        " outside [1, max_position_embeddings]");
+  for (size_t i = 0; i < model.layers.size(); ++i)
+    caches_.push_back(std::make_unique<StaticKVCache>(capacity));
+  impl_->token = Tensor::zeros({1, 1}, DType::I32, Device::CUDA);
+  impl_->delta = Tensor::zeros({1}, DType::I32, Device::CUDA);
+  MOXIN_CUDA_CHECK(cudaMalloc(&impl_->arena.base, kArenaBytes));
+  impl_->arena.size = kArenaBytes;
+  add_other_bytes(std::ptrdiff_t(kArenaBytes));
+  impl_->pinned_slots(1);
+}
+
+DecodeGraph::~DecodeGraph() {
+  if (exec_) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
+}
+
+void DecodeGraph::check_room() const {
+  const int64_t offset = caches_[0]->offset();
+  const auto* cache = static_cast<const StaticKVCache*>(caches_[0].get());
+  if (offset < 1)
+    throw_error(ErrorKind::Request, "decode graph: run the prefill into caches() first");
+  if (offset + 1 > cache->capacity() ||
+      offset + 1 > model_.config.text_config.max_position_embeddings)
+    throw_error(ErrorKind::Request, "decode graph: no room for another position (capacity " +
+                                        std::to_string(cache->capacity()) + ")");
+}
+
+void DecodeGraph::record() {
+  Impl& s = *impl_;
+  MOXIN_CUDA_CHECK(cudaMemsetAsync(s.delta.raw_mut(), 0, sizeof(int), stream()));
+  s.arena.used = 0;
+  // Hooks on: fixed addresses, device-side position delta.
+  set_capture_arena(&s.arena);
+  set_position_delta(s.delta.data<int32_t>());
+  std::vector<int64_t> offsets;
+  for (auto& c : caches_) offsets.push_back(c->offset());
+  s.capture_offset = offsets[0];
+  s.delta_host = 0;
+  MOXIN_CUDA_CHECK(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeThreadLocal));
+  cudaGraph_t graph = nullptr;
+  try {
+    s.logits = model_.decode_token(s.token, caches_);
+    launch_argmax(s.logits, s.token.data_mut<int32_t>(), s.delta.data_mut<int32_t>());
+  } catch (...) {
+    cudaStreamEndCapture(stream(), &graph);
+    if (graph) cudaGraphDestroy(graph);
+    set_capture_arena(nullptr);
+    set_position_delta(nullptr);
+    // The host caches advanced while recording; the recorded step never ran.
+    for (size_t i = 0; i < caches_.size(); ++i)
+      static_cast<StaticKVCache*>(caches_[i].get())->rewind(offsets[i]);
+    throw;
+  }
+  set_capture_arena(nullptr);
+  set_position_delta(nullptr);
+  MOXIN_CUDA_CHECK(cudaStreamEndCapture(stream(), &graph));
+  s.graph = graph;
+  cudaGraphExec_t exec = nullptr;
+  MOXIN_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  exec_ = exec;
+}
+
+void DecodeGraph::replay() {
+  Impl& s = *impl_;
+  if (!exec_) {
+    // Recording advances the host caches by one position, which the first launch then fills.
+    record();
+  } else {
+    // The caches may have been reset and refilled since the last replay: the device delta must
+    // say where this step sits relative to the recording.
+    const int want = int(caches_[0]->offset() - s.capture_offset);
+    if (want != s.delta_host) {
+      s.delta_staging = want;
+      MOXIN_CUDA_CHECK(cudaMemcpyAsync(s.delta.raw_mut(), &s.delta_staging, sizeof(int),
+                                       cudaMemcpyHostToDevice, stream()));
+      s.delta_host = want;
+    }
+    for (auto& c : caches_) static_cast<StaticKVCache*>(c.get())->advance(1);
+  }
+  MOXIN_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), stream()));
+  ++s.delta_host;  // the graph's last kernel advances the device copy the same way
+}
+
+Tensor DecodeGraph::step(int32_t token) {
+  check_room();
+  const int64_t vocab = model_.embed_tokens.dim(0);
+  if (token < 0 || token >= vocab)
+    throw_error(ErrorKind::Request, "token id " + std::to_string(token) +
+                                        " is outside the vocabulary [0, " + std::to_string(vocab) +
+                                        ")");
+  int32_t* slot = impl_->pinned_slots(1);
+  MOXIN_CUDA_CHECK(cudaStreamSynchronize(stream()));  // the slot may still feed a queued copy
+  slot[0] = token;
+  MOXIN_CUDA_CHECK(cudaMemcpyAsync(impl_->token.raw_mut(), slot, sizeof(int32_t),
+                                   cudaMemcpyHostToDevice, stream()));
+  replay();
+  MOXIN_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  return impl_->logits;
+}
+
+std::vector<int32_t> DecodeGraph::generate_greedy(const Tensor& prefill_logits, int count) {
+  if (count < 1) return {};
+  if (prefill_logits.device() != Device::CUDA)
+    throw_error(ErrorKind::Request, "generate_greedy: prefill logits must be on the GPU");
+  MOXIN_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  int32_t* slots = impl_->pinned_slots(count);
+  launch_argmax(prefill_logits, impl_->token.data_mut<int32_t>(), nullptr);
+  MOXIN_CUDA_CHECK(cudaMemcpyAsync(slots, impl_->token.raw(), sizeof(int32_t),
+                                   cudaMemcpyDeviceToHost, stream()));
+  using Clock = std::chrono::steady_clock;
+  double host_s = 0;
+  for (int i = 1; i < count; ++i) {
+    check_room();
+    const auto start = Clock::now();
+    replay();
+    // The graph leaves its argmax in the token slot: queue its copy, never wait for it here.
+    MOXIN_CUDA_CHECK(cudaMemcpyAsync(slots + i, impl_->token.raw(), sizeof(int32_t),
+                                     cudaMemcpyDeviceToHost, stream()));
+    if (i > 1) host_s += std::chrono::duration<double>(Clock::now() - start).count();
+  }
+  MOXIN_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  host_us_per_token_ = count > 2 ? host_s / double(count - 2) * 1e6 : 0.0;
+  return std::vector<int32_t>(slots, slots + count);
+}
+
+}  // namespace moxin::cuda

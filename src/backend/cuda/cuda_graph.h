@@ -1,0 +1,82 @@
+// Decode without launch overhead: one decode step of the generic model code (MoxinVLM::
+// decode_token, the same ops as always) recorded once into a CUDA graph and replayed for
+// every later token.
+//
+// Why this works without a dedicated model runner: while the step is recorded the backend
+// (a) hands out memory from an arena the graph owns, so every intermediate has a fixed address
+// on every replay, and (b) lets the three position-dependent kernels (rotary embedding, the KV
+// cache write and decode attention) add a device-resident delta to the host position they were
+// given. The graph ends by picking the greedy token into the input slot of the next step and
+// incrementing the delta, so a replay needs no host-to-device copy at all.
+//
+// The caches are StaticKVCache: preallocated to a fixed capacity (the recorded graph holds
+// their addresses), filled by the ordinary prefill, and advanced on the host after each replay.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "moxin/kv_cache.h"
+#include "moxin/model.h"
+#include "moxin/tensor.h"
+
+namespace moxin::cuda {
+
+// A KV cache of fixed capacity on the GPU (allocated on first use, never reallocated).
+class StaticKVCache final : public KeyValueCache {
+ public:
+  explicit StaticKVCache(int64_t capacity) : capacity_(capacity) {}
+  int64_t offset() const override { return offset_; }
+  int64_t capacity() const { return capacity_; }
+  CachedKV update_and_fetch(const Tensor& keys, const Tensor& values) override;
+  void reset() override { offset_ = 0; }
+  void advance(int64_t n);  // positions written by a replayed graph
+  void rewind(int64_t offset) { offset_ = offset < offset_ ? offset : offset_; }
+
+ private:
+  int64_t capacity_;
+  Tensor keys_, values_;  // [B, n_kv_heads, capacity, head_dim]
+  int64_t offset_ = 0;
+};
+
+class DecodeGraph {
+ public:
+  // `capacity`: positions the caches hold (prompt + generated tokens). Batch 1.
+  DecodeGraph(MoxinVLM& model, int64_t capacity);
+  ~DecodeGraph();
+  DecodeGraph(const DecodeGraph&) = delete;
+  DecodeGraph& operator=(const DecodeGraph&) = delete;
+
+  KVCacheList& caches() { return caches_; }  // give these to model.forward for the prefill
+
+  // One step for `token` through the recorded graph: logits [1, 1, vocab] on the GPU, valid
+  // until the next step. Records the graph on first use.
+  Tensor step(int32_t token);
+
+  // Greedy generation after a prefill whose logits [1, n, vocab] (GPU) end at the cache's
+  // offset: the first token is the argmax of the last row, each next one is picked inside the
+  // graph. Only one int32 per token crosses to the host. Returns the `count` tokens.
+  std::vector<int32_t> generate_greedy(const Tensor& prefill_logits, int count);
+
+  // Host time spent per replay (launch + token readback issue), microseconds, last generation.
+  double host_us_per_token() const { return host_us_per_token_; }
+  bool recorded() const { return exec_ != nullptr; }
+
+ private:
+  void record();
+  void replay();
+  void check_room() const;
+
+  MoxinVLM& model_;
+  KVCacheList caches_;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  void* exec_ = nullptr;  // cudaGraphExec_t
+  double host_us_per_token_ = 0;
+};
+
+// argmax of the last row of logits [..., vocab] (GPU), as a host int.
+int32_t argmax_last(const Tensor& logits);
+
+}  // namespace moxin::cuda

@@ -1,0 +1,738 @@
+// The ops of src/ops/ops.h on the GPU, except linear (cuda_linear.cu): element-wise work,
+// norms, rotary embedding, shape plumbing and attention. Float32 activations throughout.
+#include <cmath>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/cuda_runtime.h"
+#include "moxin/errors.h"
+
+namespace moxin::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+void require_f32_cuda(const Tensor& x, const char* op) {
+  if (!x.defined() || x.dtype() != DType::F32 || x.device() != Device::CUDA)
+    throw_error(ErrorKind::Compute, std::string(op) + ": activations must be float32 on the GPU");
+}
+
+void require_on_gpu(const Tensor& t, const char* op, const char* what) {
+  if (!t.defined() || t.device() != Device::CUDA)
+    throw_error(ErrorKind::Compute, std::string(op) + ": " + what + " is not on the GPU");
+}
+
+__device__ __forceinline__ int delta_of(const int* delta) { return delta ? *delta : 0; }
+
+// ------------------------------------------------------------------------------------------
+// Reductions
+
+// Sum over the block; every thread gets the result. `scratch` holds 32 floats.
+__device__ float block_sum(float v, float* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // scratch may still be read from a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  const int warps = (blockDim.x + 31) / 32;
+  v = lane < warps ? scratch[lane] : 0.0f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__global__ void rms_norm_kernel(const float* __restrict__ x, const float* __restrict__ w,
+                                float eps, int64_t D, float* __restrict__ y) {
+  __shared__ float scratch[32];
+  const float* xr = x + blockIdx.x * D;
+  float* yr = y + blockIdx.x * D;
+  float sq = 0;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) sq += xr[i] * xr[i];
+  sq = block_sum(sq, scratch);
+  const float inv = 1.0f / sqrtf(sq / float(D) + eps);
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) yr[i] = w[i] * (xr[i] * inv);
+}
+
+__global__ void layer_norm_kernel(const float* __restrict__ x, const float* __restrict__ w,
+                                  const float* __restrict__ b, float eps, int64_t D,
+                                  float* __restrict__ y) {
+  __shared__ float scratch[32];
+  const float* xr = x + blockIdx.x * D;
+  float* yr = y + blockIdx.x * D;
+  float sum = 0;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) sum += xr[i];
+  const float mean = block_sum(sum, scratch) / float(D);
+  float sq = 0;  // centred second pass, as torch computes it
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    const float d = xr[i] - mean;
+    sq += d * d;
+  }
+  const float inv = 1.0f / sqrtf(block_sum(sq, scratch) / float(D) + eps);
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) yr[i] = (xr[i] - mean) * inv * w[i] + b[i];
+}
+
+// ------------------------------------------------------------------------------------------
+// Element-wise
+
+__global__ void gelu_kernel(float* x, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752440f));
+}
+
+__global__ void silu_mul_kernel(const float* __restrict__ g, const float* __restrict__ u,
+                                float* __restrict__ out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+// x[i] += y[i % ny]: y of x's shape, or a trailing part repeated.
+__global__ void add_kernel(float* __restrict__ x, const float* __restrict__ y, int64_t n,
+                           int64_t ny) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    x[i] += y[ny == n ? i : i % ny];
+}
+
+__global__ void add_scaled_kernel(float* __restrict__ x, const float* __restrict__ y,
+                                  const float* __restrict__ scale, int64_t n, int64_t D) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    x[i] += y[i] * scale[i % D];
+}
+
+__global__ void widen_kernel(const void* __restrict__ src, DType dtype, int64_t n,
+                             float* __restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = load_f32(src, dtype, i);
+}
+
+// out[i, :] = table[ids[i], :]; ids were validated (or, in a recorded step, by the runner).
+template <class Id>
+__global__ void embedding_kernel(const Id* __restrict__ ids, const void* __restrict__ table,
+                                 DType dtype, int64_t vocab, int64_t D, float* __restrict__ out) {
+  int64_t id = int64_t(ids[blockIdx.x]);
+  id = id < 0 ? 0 : (id >= vocab ? vocab - 1 : id);  // never read outside the table
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
+    out[blockIdx.x * D + d] = load_f32(table, dtype, id * D + d);
+}
+
+// dst row r (+ delta * delta_stride) = src row r (stride 0 repeats one row).
+__global__ void copy_rows_kernel(const float* __restrict__ src, int64_t src_stride,
+                                 float* __restrict__ dst, int64_t dst_stride, int64_t rows,
+                                 int64_t row_len, const int* delta, int64_t delta_stride) {
+  const int64_t shift = int64_t(delta_of(delta)) * delta_stride;
+  const int64_t n = rows * row_len;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / row_len, c = i % row_len;
+    dst[r * dst_stride + shift + c] = src[r * src_stride + c];
+  }
+}
+
+void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows,
+               int64_t row_len, const int* delta = nullptr, int64_t delta_stride = 0) {
+  if (rows * row_len == 0) return;
+  copy_rows_kernel<<<blocks_for(rows * row_len, kThreads), kThreads, 0, stream()>>>(
+      src, src_stride, dst, dst_stride, rows, row_len, delta, delta_stride);
+  MOXIN_LAUNCH_CHECK();
+}
+
+// [B, L, H, Dh] -> [B, H, L, Dh]
+__global__ void heads_first_kernel(const float* __restrict__ x, float* __restrict__ out,
+                                   int64_t B, int64_t L, int64_t H, int64_t Dh) {
+  const int64_t n = B * L * H * Dh;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t d = i % Dh;
+    int64_t t = i / Dh;
+    const int64_t h = t % H;
+    t /= H;
+    const int64_t l = t % L, b = t / L;
+    out[((b * H + h) * L + l) * Dh + d] = x[i];
+  }
+}
+
+__global__ void patchify_kernel(const float* __restrict__ images, int64_t B, int64_t S, int64_t C,
+                                int64_t P, float* __restrict__ out) {
+  const int64_t G = S / P, row_len = C * P * P, n = B * G * G * row_len;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t col = i % row_len, patch = i / row_len;
+    const int64_t kx = col % P, ky = (col / P) % P, c = col / (P * P);
+    const int64_t gx = patch % G, gy = (patch / G) % G, b = patch / (G * G);
+    out[i] = images[((b * S + gy * P + ky) * S + gx * P + kx) * C + c];
+  }
+}
+
+// Rotate-half RoPE on x [B, L, H, Dh] at positions offset (+ delta) + l.
+__global__ void rope_kernel(float* x, int64_t B, int64_t L, int64_t H, int64_t Dh, int64_t offset,
+                            const int* delta, const float* __restrict__ inv_freqs) {
+  const int64_t half = Dh / 2, n = B * L * H * half;
+  const int64_t base = offset + delta_of(delta);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t f = i % half, row = i / half;  // row = (b * L + l) * H + h
+    const int64_t l = (row / H) % L;
+    const float angle = float(base + l) * inv_freqs[f];
+    float s, c;
+    sincosf(angle, &s, &c);
+    float* v = x + row * Dh;
+    const float a = v[f], b = v[f + half];
+    v[f] = a * c - b * s;
+    v[f + half] = b * c + a * s;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Attention
+
+struct AttnArgs {
+  const float* q;
+  const float* k;
+  const float* v;
+  float* out;
+  int64_t Lq, Lk, Hq, Hkv, Dh;
+  int64_t q_row, kv_row, kv_head, out_row;  // strides in floats
+  int64_t q_batch, kv_batch, out_batch;
+  bool causal;
+  int64_t q_offset, window;
+  float scale;
+  const int* delta;  // added to q_offset and Lk (recorded decode steps)
+};
+
+// Flash-style attention, float32 on the CUDA cores: a block of 128 threads takes 16 query rows
+// of one head, eight threads per row, each owning every eighth element of the head. Keys and
+// values stream through shared memory 32 at a time with an online softmax, so no score matrix
+// is ever written. Head dims up to 128.
+constexpr int kFlashParts = 8;  // threads per query row
+constexpr int kFlashRows = 128 / kFlashParts;
+constexpr int kFlashKeys = 32;
+constexpr int kFlashMaxDh = 128;
+
+template <int kChunks>  // ceil(Dh / kFlashParts) upper bound: the registers each thread holds per vector
+__global__ void __launch_bounds__(128) flash_attention_kernel(AttnArgs a) {
+  __shared__ float ks[kFlashKeys][kFlashMaxDh + 4];
+  __shared__ float vs[kFlashKeys][kFlashMaxDh + 4];
+  const int tid = threadIdx.x, part = tid % kFlashParts, r = tid / kFlashParts;
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  const int64_t g = h / (a.Hq / a.Hkv);
+  const int64_t row0 = int64_t(blockIdx.x) * kFlashRows, row = row0 + r;
+  const bool valid_row = row < a.Lq;
+  const int Dh = int(a.Dh), chunks = (Dh + kFlashParts - 1) / kFlashParts;
+  const int64_t shift = delta_of(a.delta);
+  const int64_t q_offset = a.q_offset + shift, Lk = a.Lk + shift;
+  const float kLog2e = 1.4426950408889634f;
+
+  float q[kChunks], acc[kChunks];
+  const float* qrow = a.q + b * a.q_batch + row * a.q_row + h * Dh;
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    const int d = part + kFlashParts * i;
+    q[i] = (valid_row && i < chunks && d < Dh) ? qrow[d] * a.scale * kLog2e : 0.0f;
+    acc[i] = 0.0f;
+  }
+  float m = -INFINITY, l = 0.0f;
+  const int64_t pos = q_offset + row;  // absolute position of this query (causal)
+  int64_t key_begin = 0, key_end = Lk;
+  if (a.causal) {
+    key_end = min(Lk, q_offset + min(row0 + kFlashRows, a.Lq));
+    if (a.window > 0) key_begin = max(int64_t(0), q_offset + row0 - a.window + 1);
+    key_begin = key_begin / kFlashKeys * kFlashKeys;
+  }
+  const float* kbase = a.k + b * a.kv_batch + g * a.kv_head;
+  const float* vbase = a.v + b * a.kv_batch + g * a.kv_head;
+  const int width = chunks * kFlashParts;
+
+  for (int64_t j0 = key_begin; j0 < key_end; j0 += kFlashKeys) {
+    __syncthreads();
+    for (int i = tid; i < kFlashKeys * width; i += blockDim.x) {
+      const int jj = i / width, d = i % width;
+      const int64_t j = j0 + jj;
+      const bool in = j < key_end && d < Dh;
+      ks[jj][d] = in ? kbase[j * a.kv_row + d] : 0.0f;
+      vs[jj][d] = in ? vbase[j * a.kv_row + d] : 0.0f;
+    }
+    __syncthreads();
+    float s[kFlashKeys];
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int jj = 0; jj < kFlashKeys; ++jj) {
+      float partial = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i) partial += q[i] * ks[jj][part + kFlashParts * i];
+      partial += __shfl_xor_sync(0xffffffffu, partial, 1);
+      partial += __shfl_xor_sync(0xffffffffu, partial, 2);
+      partial += __shfl_xor_sync(0xffffffffu, partial, 4);
+      const int64_t j = j0 + jj;
+      bool visible = j < key_end;
+      if (a.causal) visible = visible && j <= pos && (a.window <= 0 || j > pos - a.window);
+      s[jj] = visible ? partial : -INFINITY;
+      tile_max = fmaxf(tile_max, s[jj]);
+    }
+    const float m_new = fmaxf(m, tile_max);
+    if (m_new == -INFINITY) continue;  // nothing visible yet for this row
+    const float correction = exp2f(m - m_new);
+    l *= correction;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) acc[i] *= correction;
+#pragma unroll
+    for (int jj = 0; jj < kFlashKeys; ++jj) {
+      const float p = exp2f(s[jj] - m_new);
+      l += p;
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i) acc[i] += p * vs[jj][part + kFlashParts * i];
+    }
+    m = m_new;
+  }
+  if (!valid_row) return;
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  float* orow = a.out + b * a.out_batch + row * a.out_row + h * Dh;
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    const int d = part + kFlashParts * i;
+    if (i < chunks && d < Dh) orow[d] = acc[i] * inv;
+  }
+}
+
+// Decode attention: one query row per (head, batch) over the whole history. 8 warps split the
+// keys; each lane owns every 32nd element of the head; the warps' partial softmaxes are merged
+// through shared memory at the end.
+constexpr int kDecodeWarps = 8;
+__global__ void __launch_bounds__(kDecodeWarps * 32) decode_attention_kernel(AttnArgs a) {
+  __shared__ float part_acc[kDecodeWarps][kFlashMaxDh];
+  __shared__ float part_m[kDecodeWarps], part_l[kDecodeWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t h = blockIdx.x, b = blockIdx.y;
+  const int64_t g = h / (a.Hq / a.Hkv);
+  const int Dh = int(a.Dh);
+  const int64_t shift = delta_of(a.delta);
+  const int64_t Lk = a.Lk + shift, pos = a.q_offset + shift;  // Lq == 1
+  const float kLog2e = 1.4426950408889634f;
+  float q[4], acc[4];
+  const float* qrow = a.q + b * a.q_batch + h * Dh;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int d = lane + 32 * i;
+    q[i] = d < Dh ? qrow[d] * a.scale * kLog2e : 0.0f;
+    acc[i] = 0.0f;
+  }
+  int64_t begin = 0, end = Lk;
+  if (a.causal) {
+    end = min(Lk, pos + 1);
+    if (a.window > 0) begin = max(int64_t(0), pos - a.window + 1);
+  }
+  const float* kbase = a.k + b * a.kv_batch + g * a.kv_head;
+  const float* vbase = a.v + b * a.kv_batch + g * a.kv_head;
+  float m = -INFINITY, l = 0.0f;
+  for (int64_t j = begin + warp; j < end; j += kDecodeWarps) {
+    const float* kr = kbase + j * a.kv_row;
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int d = lane + 32 * i;
+      if (d < Dh) s += q[i] * kr[d];
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    const float m_new = fmaxf(m, s);
+    const float correction = exp2f(m - m_new), p = exp2f(s - m_new);
+    l = l * correction + p;
+    const float* vr = vbase + j * a.kv_row;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int d = lane + 32 * i;
+      acc[i] = acc[i] * correction + (d < Dh ? p * vr[d] : 0.0f);
+    }
+    m = m_new;
+  }
+  if (lane == 0) {
+    part_m[warp] = m;
+    part_l[warp] = l;
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int d = lane + 32 * i;
+    if (d < kFlashMaxDh) part_acc[warp][d] = acc[i];
+  }
+  __syncthreads();
+  float m_all = -INFINITY;
+  for (int w = 0; w < kDecodeWarps; ++w) m_all = fmaxf(m_all, part_m[w]);
+  float* orow = a.out + b * a.out_batch + h * Dh;
+  for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
+    float num = 0.0f, den = 0.0f;
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      if (part_m[w] == -INFINITY) continue;
+      const float f = exp2f(part_m[w] - m_all);
+      num += part_acc[w][d] * f;
+      den += part_l[w] * f;
+    }
+    orow[d] = den > 0.0f ? num / den : 0.0f;
+  }
+}
+
+// inv_freq = 1 / theta^(2f / Dh), computed on the host exactly as the CPU path does (glibc's
+// powf), so both paths rotate by bit-identical angles; one small table per (Dh, theta), made
+// during the prefill (never inside a recorded step).
+const float* inv_freq_table(int64_t Dh, float theta) {
+  static std::mutex mutex;
+  static std::map<std::pair<int64_t, float>, Tensor> tables;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = tables.find({Dh, theta});
+  if (it == tables.end()) {
+    if (capturing())
+      throw_error(ErrorKind::Compute, "rope: run a prefill before recording a decode step");
+    std::vector<float> values(size_t(Dh / 2));
+    for (int64_t f = 0; f < Dh / 2; ++f)
+      values[size_t(f)] = 1.0f / std::pow(theta, float(2 * f) / float(Dh));
+    it = tables.emplace(std::pair{Dh, theta},
+                        Tensor::from_vector({Dh / 2}, values).to_device(Device::CUDA)).first;
+  }
+  return it->second.data<float>();
+}
+
+void launch_attention(const AttnArgs& a, int64_t B) {
+  if (a.Dh > kFlashMaxDh || a.Dh < 1)
+    throw_error(ErrorKind::Compute, "attention: head dim " + std::to_string(a.Dh) +
+                                        " unsupported on CUDA (at most 128)");
+  if (a.Hkv <= 0 || a.Hq % a.Hkv != 0)
+    throw_error(ErrorKind::Compute, "attention: query heads not a multiple of KV heads");
+  if (a.Lq == 0 || B == 0) return;
+  if (a.Lq == 1 && a.causal) {
+    decode_attention_kernel<<<dim3(unsigned(a.Hq), unsigned(B)), kDecodeWarps * 32, 0,
+                              stream()>>>(a);
+  } else {
+    if (a.delta) throw_error(ErrorKind::Compute, "a recorded decode step takes one token");
+    const dim3 grid(unsigned((a.Lq + kFlashRows - 1) / kFlashRows), unsigned(a.Hq), unsigned(B));
+    const int64_t chunks = (a.Dh + kFlashParts - 1) / kFlashParts;
+    if (chunks <= 4) {
+      flash_attention_kernel<4><<<grid, 128, 0, stream()>>>(a);
+    } else if (chunks <= 8) {
+      flash_attention_kernel<8><<<grid, 128, 0, stream()>>>(a);
+    } else if (chunks <= 12) {
+      flash_attention_kernel<12><<<grid, 128, 0, stream()>>>(a);
+    } else {
+      flash_attention_kernel<16><<<grid, 128, 0, stream()>>>(a);
+    }
+  }
+  MOXIN_LAUNCH_CHECK();
+}
+
+int normalize_axis(int axis, int ndim, const char* op) {
+  const int a = axis < 0 ? axis + ndim : axis;
+  if (a < 0 || a >= ndim) throw_error(ErrorKind::Compute, std::string(op) + ": axis out of range");
+  return a;
+}
+
+std::pair<int64_t, int64_t> outer_inner(const Shape& shape, int axis) {
+  int64_t outer = 1, inner = 1;
+  for (int i = 0; i < axis; ++i) outer *= shape[size_t(i)];
+  for (size_t i = size_t(axis) + 1; i < shape.size(); ++i) inner *= shape[i];
+  return {outer, inner};
+}
+
+}  // namespace
+
+// --------------------------------------------------------------------------------------------
+
+Tensor layer_norm(const Tensor& x, const LayerNorm& norm) {
+  require_f32_cuda(x, "layer_norm");
+  const int64_t D = x.dim(-1);
+  require_on_gpu(norm.weight, "layer_norm", "weight");
+  require_on_gpu(norm.bias, "layer_norm", "bias");
+  if (norm.weight.numel() != D || norm.bias.numel() != D)
+    throw_error(ErrorKind::Compute, "layer_norm: weight does not match " + shape_to_string(x.shape()));
+  Tensor y = Tensor::empty(x.shape(), DType::F32, Device::CUDA);
+  const int64_t rows = x.numel() / D;
+  if (rows == 0) return y;
+  layer_norm_kernel<<<unsigned(rows), kThreads, 0, stream()>>>(
+      x.data<float>(), norm.weight.data<float>(), norm.bias.data<float>(), norm.eps, D,
+      y.data_mut<float>());
+  MOXIN_LAUNCH_CHECK();
+  return y;
+}
+
+Tensor rms_norm(const Tensor& x, const RMSNorm& norm) {
+  require_f32_cuda(x, "rms_norm");
+  const int64_t D = x.dim(-1);
+  require_on_gpu(norm.weight, "rms_norm", "weight");
+  if (norm.weight.numel() != D)
+    throw_error(ErrorKind::Compute, "rms_norm: weight does not match " + shape_to_string(x.shape()));
+  Tensor y = Tensor::empty(x.shape(), DType::F32, Device::CUDA);
+  const int64_t rows = x.numel() / D;
+  if (rows == 0) return y;
+  rms_norm_kernel<<<unsigned(rows), kThreads, 0, stream()>>>(
+      x.data<float>(), norm.weight.data<float>(), norm.eps, D, y.data_mut<float>());
+  MOXIN_LAUNCH_CHECK();
+  return y;
+}
+
+void gelu_inplace(Tensor& x) {
+  require_f32_cuda(x, "gelu");
+  if (x.numel() == 0) return;
+  gelu_kernel<<<blocks_for(x.numel(), kThreads), kThreads, 0, stream()>>>(x.data_mut<float>(),
+                                                                          x.numel());
+  MOXIN_LAUNCH_CHECK();
+}
+
+Tensor silu_mul(const Tensor& gate, const Tensor& up) {
+  require_f32_cuda(gate, "silu_mul");
+  require_f32_cuda(up, "silu_mul");
+  if (gate.shape() != up.shape()) throw_error(ErrorKind::Compute, "silu_mul: shape mismatch");
+  Tensor out = Tensor::empty(gate.shape(), DType::F32, Device::CUDA);
+  if (gate.numel() == 0) return out;
+  silu_mul_kernel<<<blocks_for(gate.numel(), kThreads), kThreads, 0, stream()>>>(
+      gate.data<float>(), up.data<float>(), out.data_mut<float>(), gate.numel());
+  MOXIN_LAUNCH_CHECK();
+  return out;
+}
+
+void add_inplace(Tensor& x, const Tensor& y) {
+  require_f32_cuda(x, "add");
+  require_f32_cuda(y, "add");
+  if (y.numel() == 0 || x.numel() % y.numel() != 0)
+    throw_error(ErrorKind::Compute, "add: " + shape_to_string(x.shape()) + " vs " +
+                                        shape_to_string(y.shape()));
+  add_kernel<<<blocks_for(x.numel(), kThreads), kThreads, 0, stream()>>>(
+      x.data_mut<float>(), y.data<float>(), x.numel(), y.numel());
+  MOXIN_LAUNCH_CHECK();
+}
+
+void add_scaled_inplace(Tensor& x, const Tensor& y, const Tensor& scale) {
+  require_f32_cuda(x, "add_scaled");
+  require_f32_cuda(y, "add_scaled");
+  require_f32_cuda(scale, "add_scaled");
+  const int64_t D = x.dim(-1);
+  if (x.numel() != y.numel() || scale.numel() != D)
+    throw_error(ErrorKind::Compute, "add_scaled: shape mismatch");
+  if (x.numel() == 0) return;
+  add_scaled_kernel<<<blocks_for(x.numel(), kThreads), kThreads, 0, stream()>>>(
+      x.data_mut<float>(), y.data<float>(), scale.data<float>(), x.numel(), D);
+  MOXIN_LAUNCH_CHECK();
+}
+
+Tensor embedding(const Tensor& ids, const Tensor& table) {
+  require_on_gpu(table, "embedding", "table");
+  if (table.ndim() != 2 || !is_float(table.dtype()) || table.dtype() == DType::F64)
+    throw_error(ErrorKind::Compute, "embedding: table must be a float matrix");
+  if (ids.dtype() != DType::I32 && ids.dtype() != DType::I64)
+    throw_error(ErrorKind::Request, "token ids must be I32 or I64");
+  const int64_t vocab = table.dim(0), D = table.dim(1), n = ids.numel();
+  Tensor out = Tensor::empty({n, D}, DType::F32, Device::CUDA);
+  if (n == 0) return out;
+  // Ids are checked on the host (a recorded decode step's ids are checked by its runner
+  // before they are written to the device); the kernel clamps as a last line of defence.
+  if (!capturing()) {
+    const Tensor host = ids.to_device(Device::CPU);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t id = ids.dtype() == DType::I64 ? host.data<int64_t>()[i]
+                                                   : int64_t(host.data<int32_t>()[i]);
+      if (id < 0 || id >= vocab)
+        throw_error(ErrorKind::Request, "token id " + std::to_string(id) +
+                                            " is outside the vocabulary [0, " +
+                                            std::to_string(vocab) + ")");
+    }
+  }
+  const Tensor dev = ids.to_device(Device::CUDA);
+  if (n > 2147483647) throw_error(ErrorKind::Request, "too many token ids");
+  if (ids.dtype() == DType::I64) {
+    embedding_kernel<int64_t><<<unsigned(n), kThreads, 0, stream()>>>(
+        dev.data<int64_t>(), table.raw(), table.dtype(), vocab, D, out.data_mut<float>());
+  } else {
+    embedding_kernel<int32_t><<<unsigned(n), kThreads, 0, stream()>>>(
+        dev.data<int32_t>(), table.raw(), table.dtype(), vocab, D, out.data_mut<float>());
+  }
+  MOXIN_LAUNCH_CHECK();
+  return out;
+}
+
+Tensor self_attention_qkv(const Tensor& qkv, int64_t heads) {
+  require_f32_cuda(qkv, "self_attention");
+  if (qkv.ndim() != 3 || heads <= 0 || qkv.dim(2) % 3 != 0 || (qkv.dim(2) / 3) % heads != 0)
+    throw_error(ErrorKind::Compute, "self_attention: bad qkv shape " + shape_to_string(qkv.shape()));
+  const int64_t B = qkv.dim(0), T = qkv.dim(1), D = qkv.dim(2) / 3;
+  Tensor out = Tensor::empty({B, T, D}, DType::F32, Device::CUDA);
+  AttnArgs a{};
+  const float* base = qkv.data<float>();
+  a.q = base;
+  a.k = base + D;
+  a.v = base + 2 * D;
+  a.out = out.data_mut<float>();
+  a.Lq = a.Lk = T;
+  a.Hq = a.Hkv = heads;
+  a.Dh = D / heads;
+  a.q_row = a.kv_row = 3 * D;
+  a.kv_head = a.Dh;
+  a.out_row = D;
+  a.q_batch = a.kv_batch = T * 3 * D;
+  a.out_batch = T * D;
+  a.causal = false;
+  a.scale = 1.0f / std::sqrt(float(a.Dh));
+  launch_attention(a, B);
+  return out;
+}
+
+Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window) {
+  require_f32_cuda(q, "causal_attention");
+  require_f32_cuda(kv.keys, "causal_attention");
+  require_f32_cuda(kv.values, "causal_attention");
+  if (q.ndim() != 4 || kv.keys.ndim() != 4 || kv.keys.shape() != kv.values.shape())
+    throw_error(ErrorKind::Compute, "causal_attention: bad shapes");
+  const int64_t B = q.dim(0), Lq = q.dim(1), Hq = q.dim(2), Dh = q.dim(3);
+  const int64_t Hkv = kv.keys.dim(1), capacity = kv.keys.dim(2);
+  if (kv.keys.dim(0) != B || kv.keys.dim(3) != Dh || kv.length > capacity ||
+      kv.length != q_offset + Lq)
+    throw_error(ErrorKind::Compute, "causal_attention: queries " + shape_to_string(q.shape()) +
+                                        " do not match the cache " +
+                                        shape_to_string(kv.keys.shape()));
+  Tensor out = Tensor::empty({B, Lq, Hq * Dh}, DType::F32, Device::CUDA);
+  AttnArgs a{};
+  a.q = q.data<float>();
+  a.k = kv.keys.data<float>();
+  a.v = kv.values.data<float>();
+  a.out = out.data_mut<float>();
+  a.Lq = Lq;
+  a.Lk = kv.length;
+  a.Hq = Hq;
+  a.Hkv = Hkv;
+  a.Dh = Dh;
+  a.q_row = Hq * Dh;
+  a.kv_row = Dh;
+  a.kv_head = capacity * Dh;
+  a.out_row = Hq * Dh;
+  a.q_batch = Lq * Hq * Dh;
+  a.kv_batch = Hkv * capacity * Dh;
+  a.out_batch = Lq * Hq * Dh;
+  a.causal = true;
+  a.q_offset = q_offset;
+  a.window = window;
+  a.scale = 1.0f / std::sqrt(float(Dh));
+  a.delta = position_delta();
+  launch_attention(a, B);
+  return out;
+}
+
+void rope_inplace(Tensor& x, int64_t offset, float theta) {
+  require_f32_cuda(x, "rope");
+  if (x.ndim() != 4 || x.dim(3) % 2 != 0)
+    throw_error(ErrorKind::Compute, "rope: expected [B, L, H, Dh] with even Dh, got " +
+                                        shape_to_string(x.shape()));
+  const int64_t B = x.dim(0), L = x.dim(1), H = x.dim(2), Dh = x.dim(3);
+  const int64_t n = B * L * H * (Dh / 2);
+  if (n == 0) return;
+  rope_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream()>>>(
+      x.data_mut<float>(), B, L, H, Dh, offset, position_delta(), inv_freq_table(Dh, theta));
+  MOXIN_LAUNCH_CHECK();
+}
+
+Tensor heads_first(const Tensor& x) {
+  require_f32_cuda(x, "heads_first");
+  if (x.ndim() != 4) throw_error(ErrorKind::Compute, "heads_first: expected [B, L, H, Dh]");
+  const int64_t B = x.dim(0), L = x.dim(1), H = x.dim(2), Dh = x.dim(3);
+  Tensor out = Tensor::empty({B, H, L, Dh}, DType::F32, Device::CUDA);
+  if (x.numel() == 0) return out;
+  heads_first_kernel<<<blocks_for(x.numel(), kThreads), kThreads, 0, stream()>>>(
+      x.data<float>(), out.data_mut<float>(), B, L, H, Dh);
+  MOXIN_LAUNCH_CHECK();
+  return out;
+}
+
+Tensor concat(const std::vector<Tensor>& parts, int axis) {
+  if (parts.empty()) throw_error(ErrorKind::Compute, "concat of nothing");
+  const int a = normalize_axis(axis, parts[0].ndim(), "concat");
+  Shape shape = parts[0].shape();
+  shape[size_t(a)] = 0;
+  for (const Tensor& p : parts) {
+    require_f32_cuda(p, "concat");
+    bool fits = p.ndim() == parts[0].ndim();
+    for (int i = 0; fits && i < p.ndim(); ++i) fits = i == a || p.dim(i) == shape[size_t(i)];
+    if (!fits)
+      throw_error(ErrorKind::Compute, "concat: " + shape_to_string(p.shape()) + " does not fit " +
+                                          shape_to_string(parts[0].shape()));
+    shape[size_t(a)] += p.dim(a);
+  }
+  Tensor out = Tensor::empty(shape, DType::F32, Device::CUDA);
+  const auto [outer, inner] = outer_inner(shape, a);
+  const int64_t out_row = shape[size_t(a)] * inner;
+  int64_t at = 0;
+  for (const Tensor& p : parts) {
+    const int64_t row = p.dim(a) * inner;
+    copy_rows(p.data<float>(), row, out.data_mut<float>() + at, out_row, outer, row);
+    at += row;
+  }
+  return out;
+}
+
+Tensor slice(const Tensor& x, int axis, int64_t begin, int64_t end) {
+  require_f32_cuda(x, "slice");
+  const int a = normalize_axis(axis, x.ndim(), "slice");
+  if (begin < 0 || end > x.dim(a) || begin > end)
+    throw_error(ErrorKind::Compute, "slice [" + std::to_string(begin) + ", " + std::to_string(end) +
+                                        ") of " + shape_to_string(x.shape()));
+  Shape shape = x.shape();
+  shape[size_t(a)] = end - begin;
+  Tensor out = Tensor::empty(shape, DType::F32, Device::CUDA);
+  const auto [outer, inner] = outer_inner(x.shape(), a);
+  copy_rows(x.data<float>() + begin * inner, x.dim(a) * inner, out.data_mut<float>(),
+            (end - begin) * inner, outer, (end - begin) * inner);
+  return out;
+}
+
+Tensor repeat_batch(const Tensor& x, int64_t batch) {
+  require_f32_cuda(x, "repeat_batch");
+  if (x.ndim() == 0 || x.dim(0) != 1) throw_error(ErrorKind::Compute, "repeat_batch needs [1, ...]");
+  if (batch < 0) throw_error(ErrorKind::Compute, "repeat_batch: negative batch");
+  Shape shape = x.shape();
+  shape[0] = batch;
+  Tensor out = Tensor::empty(shape, DType::F32, Device::CUDA);
+  copy_rows(x.data<float>(), 0, out.data_mut<float>(), x.numel(), batch, x.numel());
+  return out;
+}
+
+Tensor patchify(const Tensor& images, int64_t patch) {
+  require_f32_cuda(images, "patchify");
+  if (images.ndim() != 4 || images.dim(2) != images.dim(1) || patch <= 0 ||
+      images.dim(1) % patch != 0)
+    throw_error(ErrorKind::Compute, "patchify: " + shape_to_string(images.shape()));
+  const int64_t B = images.dim(0), S = images.dim(1), C = images.dim(3), G = S / patch;
+  Tensor out = Tensor::empty({B * G * G, C * patch * patch}, DType::F32, Device::CUDA);
+  if (out.numel() == 0) return out;
+  patchify_kernel<<<blocks_for(out.numel(), kThreads), kThreads, 0, stream()>>>(
+      images.data<float>(), B, S, C, patch, out.data_mut<float>());
+  MOXIN_LAUNCH_CHECK();
+  return out;
+}
+
+void write_positions(Tensor& dst, const Tensor& src, int64_t at) {
+  require_f32_cuda(dst, "write_positions");
+  require_f32_cuda(src, "write_positions");
+  if (src.ndim() != 4 || dst.ndim() != 4)
+    throw_error(ErrorKind::Compute, "write_positions: expected [B, H, L, D] tensors");
+  const int64_t B = src.dim(0), H = src.dim(1), L = src.dim(2), D = src.dim(3);
+  if (dst.dim(0) != B || dst.dim(1) != H || dst.dim(3) != D || at < 0 || at + L > dst.dim(2))
+    throw_error(ErrorKind::Compute, "write_positions: " + shape_to_string(src.shape()) + " at " +
+                                        std::to_string(at) + " into " + shape_to_string(dst.shape()));
+  // In a recorded decode step the position moves with every replay: shift by delta rows.
+  copy_rows(src.data<float>(), L * D, dst.data_mut<float>() + at * D, dst.dim(2) * D, B * H, L * D,
+            position_delta(), D);
+}
+
+Tensor to_f32(const Tensor& t) {
+  if (!t.defined() || t.dtype() == DType::F32) return t;
+  require_on_gpu(t, "to_f32", "input");
+  if (t.dtype() != DType::BF16 && t.dtype() != DType::F16)
+    throw_error(ErrorKind::Compute, "to_f32: cannot widen " + std::string(dtype_name(t.dtype())));
+  Tensor out = Tensor::empty(t.shape(), DType::F32, Device::CUDA);
+  if (t.numel() == 0) return out;
+  widen_kernel<<<blocks_for(t.numel(), kThreads), kThreads, 0, stream()>>>(
+      t.raw(), t.dtype(), t.numel(), out.data_mut<float>());
+  MOXIN_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace moxin::cuda

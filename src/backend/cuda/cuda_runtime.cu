@@ -1,0 +1,216 @@
+// Device discovery, the stream-ordered memory pool, copies and the shared handles.
+#include <algorithm>
+#include <atomic>
+#include <vector>
+#include <cstdio>
+#include <mutex>
+#include <string>
+
+#include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/cuda_runtime.h"
+#include "moxin/errors.h"
+
+namespace moxin::cuda {
+
+void fail_cuda(cudaError_t status, const char* statement, const char* file, int line) {
+  throw_error(ErrorKind::Compute, std::string("CUDA error ") + cudaGetErrorName(status) + " (" +
+                                      cudaGetErrorString(status) + ") in `" + statement +
+                                      "` at " + file + ":" + std::to_string(line));
+}
+
+void fail_cublas(cublasStatus_t status, const char* statement, const char* file, int line) {
+  throw_error(ErrorKind::Compute, std::string("cuBLAS error ") + cublasLtGetStatusName(status) +
+                                      " (" + cublasLtGetStatusString(status) + ") in `" +
+                                      statement + "` at " + file + ":" + std::to_string(line));
+}
+
+namespace {
+
+// Why CUDA cannot be used, or "" when it can. Asked once: the answer does not change.
+const std::string& unavailability() {
+  static const std::string reason = [] {
+    int count = 0;
+    const cudaError_t status = cudaGetDeviceCount(&count);
+    if (status != cudaSuccess) {
+      cudaGetLastError();  // not sticky: clear it so later queries start clean
+      return std::string("CUDA is not usable on this machine: ") + cudaGetErrorString(status) +
+             " (" + cudaGetErrorName(status) + "); is an NVIDIA driver for CUDA 13 installed?";
+    }
+    if (count == 0) return std::string("CUDA is not usable on this machine: no CUDA device found");
+    return std::string();
+  }();
+  return reason;
+}
+
+// Everything the backend keeps for the life of the process. Owned by one static object whose
+// destructor releases the handles in reverse order; failures during process teardown (the
+// driver may already be gone) are ignored.
+class Runtime {
+ public:
+  Runtime() {
+    require_available();
+    MOXIN_CUDA_CHECK(cudaSetDevice(0));
+    MOXIN_CUDA_CHECK(cudaGetDeviceProperties(&props_, 0));
+    MOXIN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    MOXIN_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool_, 0));
+    // Freed blocks stay in the pool: per-op allocations then cost a few hundred nanoseconds.
+    uint64_t threshold = UINT64_MAX;
+    MOXIN_CUDA_CHECK(cudaMemPoolSetAttribute(pool_, cudaMemPoolAttrReleaseThreshold, &threshold));
+    MOXIN_CUBLAS_CHECK(cublasLtCreate(&lt_));
+    workspace_bytes_ = size_t(32) << 20;
+    MOXIN_CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
+    other_bytes_ += std::ptrdiff_t(workspace_bytes_);
+  }
+  ~Runtime() {
+    if (workspace_) cudaFree(workspace_);
+    if (lt_) cublasLtDestroy(lt_);
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  cudaStream_t stream_ = nullptr;
+  cudaMemPool_t pool_ = nullptr;
+  cudaDeviceProp props_{};
+  cublasLtHandle_t lt_ = nullptr;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
+  std::atomic<std::ptrdiff_t> other_bytes_{0};
+};
+
+Runtime& runtime() {
+  static Runtime instance;
+  return instance;
+}
+
+thread_local CaptureArena* g_arena = nullptr;
+const int* g_position_delta = nullptr;
+
+}  // namespace
+
+bool available() { return unavailability().empty(); }
+
+void require_available() {
+  if (!available()) throw_error(ErrorKind::Compute, unavailability());
+}
+
+std::string describe() {
+  if (!available()) return "CUDA (unavailable: " + unavailability() + ")";
+  const cudaDeviceProp& p = runtime().props_;
+  char text[256];
+  std::snprintf(text, sizeof text, "%s (sm_%d%d, %d SMs, %.1f GiB)", p.name, p.major, p.minor,
+                p.multiProcessorCount, double(p.totalGlobalMem) / double(1ull << 30));
+  return text;
+}
+
+cudaStream_t stream() { return runtime().stream_; }
+const cudaDeviceProp& properties() { return runtime().props_; }
+cublasLtHandle_t cublaslt() { return runtime().lt_; }
+void* cublaslt_workspace(size_t* bytes) {
+  *bytes = runtime().workspace_bytes_;
+  return runtime().workspace_;
+}
+
+void set_capture_arena(CaptureArena* arena) { g_arena = arena; }
+bool capturing() { return g_arena != nullptr; }
+const int* position_delta() { return g_position_delta; }
+void set_position_delta(const int* delta) { g_position_delta = delta; }
+void add_other_bytes(std::ptrdiff_t bytes) { runtime().other_bytes_ += bytes; }
+
+std::shared_ptr<void> allocate(size_t bytes) {
+  Runtime& rt = runtime();
+  const size_t rounded = (bytes + 255) / 256 * 256;
+  if (g_arena) {
+    // Recording a decode step: fixed addresses from the graph's arena, never freed singly.
+    if (g_arena->used + rounded > g_arena->size)
+      throw_error(ErrorKind::Compute, "decode graph arena exhausted (" +
+                                          std::to_string(g_arena->size) + " bytes)");
+    void* p = g_arena->base + g_arena->used;
+    g_arena->used += rounded;
+    return std::shared_ptr<void>(p, [](void*) {});
+  }
+  void* p = nullptr;
+  const cudaError_t status = cudaMallocAsync(&p, rounded ? rounded : 256, rt.stream_);
+  if (status == cudaErrorMemoryAllocation) {
+    cudaGetLastError();
+    throw_error(ErrorKind::Compute, "out of GPU memory allocating " + std::to_string(bytes) +
+                                        " bytes");
+  }
+  MOXIN_CUDA_CHECK(status);
+  // Stream-ordered free: the block returns to the pool once the work queued before it is done.
+  return std::shared_ptr<void>(p, [](void* q) { cudaFreeAsync(q, runtime().stream_); });
+}
+
+void copy(void* dst, bool dst_on_device, const void* src, bool src_on_device, size_t bytes) {
+  if (bytes == 0) return;
+  Runtime& rt = runtime();
+  MOXIN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, rt.stream_));
+  // Host buffers are pageable and the caller may reuse them at once: finish before returning.
+  if (!dst_on_device || !src_on_device) MOXIN_CUDA_CHECK(cudaStreamSynchronize(rt.stream_));
+}
+
+void fill_zero(void* data, size_t bytes) {
+  if (bytes == 0) return;
+  MOXIN_CUDA_CHECK(cudaMemsetAsync(data, 0, bytes, runtime().stream_));
+}
+
+void synchronize() { MOXIN_CUDA_CHECK(cudaStreamSynchronize(runtime().stream_)); }
+
+MemoryStats memory_stats() {
+  Runtime& rt = runtime();
+  MemoryStats s;
+  uint64_t value = 0;
+  MOXIN_CUDA_CHECK(cudaMemPoolGetAttribute(rt.pool_, cudaMemPoolAttrReservedMemHigh, &value));
+  s.pool_reserved_peak = value;
+  MOXIN_CUDA_CHECK(cudaMemPoolGetAttribute(rt.pool_, cudaMemPoolAttrUsedMemHigh, &value));
+  s.pool_used_peak = value;
+  s.other_bytes = size_t(rt.other_bytes_.load());
+  size_t free_bytes = 0, total = 0;
+  MOXIN_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
+  s.device_used = total - free_bytes;
+  s.device_total = total;
+  return s;
+}
+
+void reset_peak_memory() {
+  Runtime& rt = runtime();
+  uint64_t zero = 0;
+  MOXIN_CUDA_CHECK(cudaMemPoolSetAttribute(rt.pool_, cudaMemPoolAttrReservedMemHigh, &zero));
+  MOXIN_CUDA_CHECK(cudaMemPoolSetAttribute(rt.pool_, cudaMemPoolAttrUsedMemHigh, &zero));
+}
+
+double measure_copy_bandwidth_gbs(size_t bytes) {
+  Runtime& rt = runtime();
+  void *a = nullptr, *b = nullptr;
+  MOXIN_CUDA_CHECK(cudaMalloc(&a, bytes));
+  const cudaError_t status = cudaMalloc(&b, bytes);
+  if (status != cudaSuccess) {
+    cudaFree(a);
+    MOXIN_CUDA_CHECK(status);
+  }
+  // Not zeros: the pattern is irrelevant to a copy engine, but nothing reads untouched pages.
+  MOXIN_CUDA_CHECK(cudaMemsetAsync(a, 0x5a, bytes, rt.stream_));
+  cudaEvent_t start, stop;
+  MOXIN_CUDA_CHECK(cudaEventCreate(&start));
+  MOXIN_CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<float> times;
+  for (int i = 0; i < 13; ++i) {
+    MOXIN_CUDA_CHECK(cudaEventRecord(start, rt.stream_));
+    MOXIN_CUDA_CHECK(cudaMemcpyAsync(i % 2 ? a : b, i % 2 ? b : a, bytes,
+                                     cudaMemcpyDeviceToDevice, rt.stream_));
+    MOXIN_CUDA_CHECK(cudaEventRecord(stop, rt.stream_));
+    MOXIN_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    MOXIN_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (i >= 2) times.push_back(ms);  // the first two warm up
+  }
+  std::sort(times.begin(), times.end());
+  const float median_ms = times[times.size() / 2];
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * double(bytes) / (double(median_ms) * 1e-3) / 1e9;
+}
+
+}  // namespace moxin::cuda

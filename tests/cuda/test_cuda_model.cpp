@@ -1,0 +1,242 @@
+// The whole model through the CUDA backend against the parity fixtures (the float32
+// reference) and against the CPU path: stage by stage, logits, and greedy tokens, eager and
+// through the recorded decode graph.
+//
+// Tolerances (max |error| / max |reference|):
+//   tiny-f32 (float32 weights: float32 cuBLASLt, float32 kernels)          1e-4, as on the CPU
+//   bf16 checkpoints (activations rounded to bf16, 2^-9 relative, before
+//   each cuBLASLt product, float32 accumulation): vision features and
+//   projector 1e-2 (seen on an H200: <= 5.0e-3); logits 5e-2 (seen
+//   <= 3.3e-2: random-weight logits amplify the rounding of ~10 products)
+//   and cosine similarity >= 0.9995 (seen >= 0.99982)
+// Greedy tokens must equal the reference wherever the reference's top-2 gap exceeds
+// kClearGap logits (an error budget of twice the worst logit error seen on the fixtures).
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/npy.h"
+#include "cuda_test_util.h"
+#include "moxin/errors.h"
+#include "moxin/model.h"
+#include "ops/ops.h"
+
+#if MOXIN_WITH_CUDA
+#include "backend/cuda/cuda_graph.h"
+#endif
+
+namespace moxin {
+namespace {
+
+constexpr double kClearGap = 0.1;
+
+class CudaParity : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    MOXIN_SKIP_WITHOUT_GPU();
+    fixtures_ = test::fixtures_dir() / "parity" / GetParam();
+    ASSERT_TRUE(std::filesystem::exists(fixtures_ / "meta.json")) << "no fixtures in " << fixtures_;
+    checkpoint_ = test::checkpoint_dir(GetParam());
+    ASSERT_FALSE(checkpoint_.empty())
+        << "checkpoint '" << GetParam() << "' not generated: run scripts/make_test_checkpoints.sh";
+    std::ifstream in(fixtures_ / "meta.json");
+    meta_ = nlohmann::json::parse(in);
+  }
+  double tolerance() const { return GetParam() == "tiny-f32" ? 1e-4 : 1e-2; }
+  double logit_tolerance() const { return GetParam() == "tiny-f32" ? 1e-4 : 5e-2; }
+  Tensor fixture(const std::string& name) const { return npy::load(fixtures_ / (name + ".npy")); }
+  Tensor input_ids() const {
+    const auto ids = meta_["input_ids"].get<std::vector<int32_t>>();
+    Tensor t = Tensor::empty({1, int64_t(ids.size())}, DType::I32);
+    std::copy(ids.begin(), ids.end(), t.data_mut<int32_t>());
+    return t;
+  }
+  std::filesystem::path fixtures_, checkpoint_;
+  nlohmann::json meta_;
+};
+
+int32_t host_argmax(const Tensor& logits) {
+  const std::vector<float> v = logits.to_vector();
+  const size_t V = size_t(logits.dim(-1));
+  return int32_t(std::max_element(v.end() - long(V), v.end()) - (v.end() - long(V)));
+}
+
+void report(const std::string& variant, const char* stage, const test::Difference& d) {
+  std::printf("[%s] cuda %-9s %s\n", variant.c_str(), stage, d.to_string().c_str());
+}
+
+TEST_P(CudaParity, EveryStageMatchesTheReference) {
+  MoxinVLM model = load_model(checkpoint_, LoadOptions{Device::CUDA});
+  ASSERT_EQ(model.device(), Device::CUDA);
+  const Tensor pd = fixture("pixel_dino"), ps = fixture("pixel_siglip");
+  const auto dino = test::compare(model.dino.forward(pd.to_device(Device::CUDA)).to_device(Device::CPU),
+                                  fixture("dino_features"));
+  report(GetParam(), "dino", dino);
+  EXPECT_LE(dino.max_rel, tolerance());
+  const auto siglip = test::compare(
+      model.siglip.forward(ps.to_device(Device::CUDA)).to_device(Device::CPU), fixture("siglip_features"));
+  report(GetParam(), "siglip", siglip);
+  EXPECT_LE(siglip.max_rel, tolerance());
+  const auto projector =
+      test::compare(model.encode_image(pd, ps).to_device(Device::CPU), fixture("projector"));
+  report(GetParam(), "projector", projector);
+  EXPECT_LE(projector.max_rel, tolerance());
+  KVCacheList cache;
+  const Tensor logits = model.forward(pd, ps, input_ids(), cache).to_device(Device::CPU);
+  const auto d = test::compare(logits, fixture("logits"));
+  report(GetParam(), "logits", d);
+  EXPECT_LE(d.max_rel, logit_tolerance());
+  EXPECT_GE(d.cosine, 0.9995);
+}
+
+#if MOXIN_WITH_CUDA
+// Greedy decoding, 32 tokens: eager CUDA, the recorded graph (teacher-forced with the
+// reference's tokens, and free-running) and the CPU path, all against the reference ids.
+TEST_P(CudaParity, GreedyTokensMatchWhereTheGapIsClear) {
+  const auto expected = meta_["greedy_ids"].get<std::vector<int32_t>>();
+  const auto gaps = meta_["greedy_top2_gap"].get<std::vector<double>>();
+  ASSERT_EQ(expected.size(), gaps.size());
+  const int count = int(expected.size());
+  const Tensor pd = fixture("pixel_dino"), ps = fixture("pixel_siglip");
+
+  MoxinVLM model = load_model(checkpoint_, LoadOptions{Device::CUDA});
+  const int64_t capacity = meta_["sequence_length"].get<int64_t>() + count + 8;
+
+  // Eager: ordinary caches, every step through the ops.
+  std::vector<int32_t> eager;
+  std::vector<Tensor> eager_logits;
+  {
+    KVCacheList cache;
+    Tensor logits = model.forward(pd, ps, input_ids(), cache, 1);
+    eager.push_back(host_argmax(logits));
+    for (int i = 1; i < count; ++i) {
+      Tensor t = Tensor::empty({1, 1}, DType::I32);
+      t.data_mut<int32_t>()[0] = expected[size_t(i - 1)];  // teacher forcing
+      logits = model.decode_token(t, cache);
+      eager_logits.push_back(logits.to_device(Device::CPU));
+      eager.push_back(host_argmax(logits));
+    }
+  }
+  // Graph, teacher-forced: the same steps replayed from one recording.
+  std::vector<int32_t> graphed;
+  {
+    cuda::DecodeGraph graph(model, capacity);
+    Tensor logits = model.forward(pd, ps, input_ids(), graph.caches(), 1);
+    graphed.push_back(host_argmax(logits));
+    for (int i = 1; i < count; ++i) {
+      const Tensor step = graph.step(expected[size_t(i - 1)]).to_device(Device::CPU);
+      const auto d = test::compare(step, eager_logits[size_t(i - 1)]);
+      EXPECT_LE(d.max_abs, 1e-5) << "graph step " << i << " differs from the eager step: "
+                                 << d.to_string();
+      graphed.push_back(host_argmax(step));
+    }
+    EXPECT_TRUE(graph.recorded());
+  }
+  // Graph, free-running greedy: the tokens never leave the device except for the result.
+  std::vector<int32_t> free_running;
+  {
+    cuda::DecodeGraph graph(model, capacity);
+    const Tensor logits = model.forward(pd, ps, input_ids(), graph.caches(), 1);
+    free_running = graph.generate_greedy(logits, count);
+    std::printf("[%s] host time per graph replay: %.1f us\n", GetParam().c_str(),
+                graph.host_us_per_token());
+  }
+  // CPU path, free-running, for the same comparison.
+  std::vector<int32_t> cpu_ids;
+  {
+    MoxinVLM cpu_model = load_model(checkpoint_);
+    KVCacheList cache;
+    Tensor logits = cpu_model.forward(pd, ps, input_ids(), cache, 1);
+    cpu_ids.push_back(host_argmax(logits));
+    for (int i = 1; i < count; ++i) {
+      Tensor t = Tensor::empty({1, 1}, DType::I32);
+      t.data_mut<int32_t>()[0] = cpu_ids.back();
+      cpu_ids.push_back(host_argmax(cpu_model.decode_token(t, cache)));
+    }
+  }
+  int clear = 0;
+  bool free_in_step = true;  // free-running sequences agree only up to the first unclear step
+  for (int i = 0; i < count; ++i) {
+    const bool is_clear = gaps[size_t(i)] > kClearGap;
+    if (!is_clear) {
+      free_in_step = false;
+      continue;
+    }
+    ++clear;
+    EXPECT_EQ(eager[size_t(i)], expected[size_t(i)]) << "eager step " << i << " gap " << gaps[size_t(i)];
+    EXPECT_EQ(graphed[size_t(i)], expected[size_t(i)]) << "graph step " << i;
+    if (free_in_step) {
+      EXPECT_EQ(free_running[size_t(i)], expected[size_t(i)]) << "free-running step " << i;
+      EXPECT_EQ(free_running[size_t(i)], cpu_ids[size_t(i)]) << "CPU vs CUDA step " << i;
+    }
+  }
+  std::printf("[%s] greedy: %d of %d steps have a clear gap (> %.2f)\n", GetParam().c_str(), clear,
+              count, kClearGap);
+  EXPECT_GT(clear, count / 2);
+}
+#endif
+
+INSTANTIATE_TEST_SUITE_P(Variants, CudaParity,
+                         ::testing::Values("tiny-hf", "tiny-native", "tiny-f32", "real-towers"));
+
+// A decoder quantized at load (MLX affine, 4 and 8 bits) gives the same logits on both paths:
+// the prefill through dequantized bf16 products, the decode step through the fused GEMV.
+TEST(CudaQuantized, QuantizedModelMatchesCpu) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  const auto dir = test::checkpoint_dir("real-towers");
+  if (dir.empty()) GTEST_SKIP() << "real-towers checkpoint not generated";
+  const auto meta = nlohmann::json::parse(std::ifstream(test::fixtures_dir() / "parity" / "real-towers" / "meta.json"));
+  const auto ids = meta["input_ids"].get<std::vector<int32_t>>();
+  Tensor input = Tensor::empty({1, int64_t(ids.size())}, DType::I32);
+  std::copy(ids.begin(), ids.end(), input.data_mut<int32_t>());
+  const Tensor pd = npy::load(test::fixtures_dir() / "parity" / "real-towers" / "pixel_dino.npy");
+  const Tensor ps = npy::load(test::fixtures_dir() / "parity" / "real-towers" / "pixel_siglip.npy");
+  for (int bits : {4, 8}) {
+    MoxinVLM cpu_model = load_model(dir);
+    cpu_model.quantize(64, bits);
+    MoxinVLM gpu_model = load_model(dir);
+    gpu_model.quantize(64, bits);
+    gpu_model.to_device(Device::CUDA);
+    KVCacheList cpu_cache, gpu_cache;
+    const Tensor a = cpu_model.forward(pd, ps, input, cpu_cache, 1);
+    const Tensor b = gpu_model.forward(pd, ps, input, gpu_cache, 1).to_device(Device::CPU);
+    const auto d = test::compare(b, a);
+    std::printf("[q%d] prefill logits cuda vs cpu: %s\n", bits, d.to_string().c_str());
+    EXPECT_LE(d.max_rel, 5e-2);
+    Tensor t = Tensor::empty({1, 1}, DType::I32);
+    t.data_mut<int32_t>()[0] = host_argmax(a);
+    const Tensor da = cpu_model.decode_token(t, cpu_cache);
+    const Tensor db = gpu_model.decode_token(t, gpu_cache).to_device(Device::CPU);
+    const auto dd = test::compare(db, da);
+    std::printf("[q%d] decode logits cuda vs cpu: %s\n", bits, dd.to_string().c_str());
+    EXPECT_LE(dd.max_rel, 5e-2);
+  }
+}
+
+TEST(CudaDevice, CpuPathStillWorksAndModelsMove) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  const auto dir = test::checkpoint_dir("tiny-hf");
+  if (dir.empty()) GTEST_SKIP() << "tiny-hf checkpoint not generated";
+  MoxinVLM model = load_model(dir);
+  model.to_device(Device::CUDA);
+  EXPECT_EQ(model.device(), Device::CUDA);
+  model.to_device(Device::CPU);
+  EXPECT_EQ(model.device(), Device::CPU);
+}
+
+TEST(CudaDevice, UnavailableDeviceFailsWithOneClearError) {
+  if (device::available(Device::CUDA)) GTEST_SKIP() << "a GPU is present: nothing to refuse";
+  try {
+    device::require(Device::CUDA);
+    FAIL() << "require(CUDA) succeeded without a GPU";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(what.find('\n'), std::string::npos) << what;
+    EXPECT_NE(what.find("CUDA"), std::string::npos) << what;
+  }
+  EXPECT_THROW(Tensor::empty({4}, DType::F32, Device::CUDA), Error);
+}
+
+}  // namespace
+}  // namespace moxin

@@ -1,0 +1,260 @@
+// CUDA ops against the CPU ops at awkward sizes. Every GPU result is poisoned-free by
+// construction (fresh allocations are compared element by element against the CPU result).
+// Tolerances (max |gpu - cpu| / max |cpu|):
+//   float32 paths (norms, element-wise, attention, decode GEMV)  1e-5 .. 1e-4 (summation order)
+//   cuBLASLt with bf16 weights: activations rounded to bf16      1e-2 (8-bit mantissa: ~2^-9
+//                                                                 per operand, averaged by K)
+//   f16 weights (activations rounded to f16)                     2e-3
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "cuda_test_util.h"
+#include "moxin/errors.h"
+#include "moxin/model.h"
+#include "moxin/quantize.h"
+#include "ops/ops.h"
+
+namespace moxin {
+namespace {
+
+using test::compare;
+using test::gpu;
+using test::random_tensor;
+
+void expect_close(const Tensor& actual_gpu, const Tensor& expected, double tol,
+                  const std::string& what) {
+  ASSERT_EQ(actual_gpu.device(), Device::CUDA) << what;
+  const Tensor actual = actual_gpu.to_device(Device::CPU);
+  ASSERT_EQ(actual.shape(), expected.shape()) << what;
+  const auto d = compare(actual, expected);
+  for (float v : actual.to_vector()) ASSERT_TRUE(std::isfinite(v)) << what << ": non-finite output";
+  EXPECT_LE(d.max_rel, tol) << what << ": " << d.to_string();
+}
+
+TEST(CudaRuntime, CopiesRoundTripAndZeros) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  const Tensor host = random_tensor({33, 31}, 1);
+  const Tensor back = gpu(host).to_device(Device::CPU);
+  EXPECT_EQ(back.to_vector(), host.to_vector());
+  const Tensor z = Tensor::zeros({4304}, DType::F32, Device::CUDA).to_device(Device::CPU);
+  for (float v : z.to_vector()) ASSERT_EQ(v, 0.0f);
+  const Tensor copy = gpu(host).clone().to_device(Device::CPU);
+  EXPECT_EQ(copy.to_vector(), host.to_vector());
+}
+
+struct LinearCase {
+  int64_t M, K, N;
+  DType dtype;
+  bool bias;
+};
+
+TEST(CudaOps, LinearMatchesCpuForEveryPathAndAwkwardSizes) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  const LinearCase cases[] = {
+      {1, 32, 33, DType::BF16, true},    {1, 31, 31, DType::BF16, false},
+      {3, 4304, 33, DType::BF16, true},  {8, 64, 4304, DType::BF16, false},
+      {9, 33, 32, DType::BF16, true},    {33, 4304, 31, DType::BF16, true},
+      {261, 1024, 1152, DType::BF16, true}, {1, 4304, 64, DType::F16, true},
+      {33, 64, 33, DType::F16, false},   {1, 33, 31, DType::F32, true},
+      {40, 96, 72, DType::F32, true},
+  };
+  uint32_t seed = 10;
+  for (const LinearCase& c : cases) {
+    const Tensor x = random_tensor({c.M, c.K}, ++seed);
+    Linear cpu_layer;
+    cpu_layer.weight = random_tensor({c.N, c.K}, ++seed, 0.05f).to(c.dtype);
+    if (c.bias) cpu_layer.bias = random_tensor({c.N}, ++seed);
+    Linear gpu_layer{gpu(cpu_layer.weight), gpu(cpu_layer.bias), nullptr};
+    const Tensor expected = ops::linear(x, cpu_layer);
+    const bool gemv = c.M <= 8;
+    const double tol = gemv ? 1e-5 : (c.dtype == DType::BF16 ? 1e-2 : c.dtype == DType::F16 ? 2e-3 : 1e-5);
+    expect_close(ops::linear(gpu(x), gpu_layer), expected, tol,
+                 "linear M=" + std::to_string(c.M) + " K=" + std::to_string(c.K) +
+                     " N=" + std::to_string(c.N) + " " + std::string(dtype_name(c.dtype)));
+  }
+}
+
+TEST(CudaOps, QuantizedLinearMatchesDequantizedReference) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  struct Case { int64_t M, K, N; int bits, group; };
+  const Case cases[] = {{1, 4352, 33, 4, 64}, {4, 4352, 31, 8, 64}, {8, 256, 4304, 4, 32},
+                        {1, 512, 33, 8, 128}, {33, 4352, 32, 4, 64}, {1, 192, 31, 3, 64},
+                        {2, 256, 33, 6, 64},
+                        // lm_head and down_proj of the 7B decoder
+                        {1, 4096, 32064, 4, 64}, {1, 4096, 32064, 8, 64}, {1, 14336, 4096, 4, 64}};
+  uint32_t seed = 100;
+  for (const Case& c : cases) {
+    const Tensor w = random_tensor({c.N, c.K}, ++seed, 0.05f).to(DType::BF16);
+    const QuantizedTensor q = quantize(w, c.group, c.bits);
+    Linear reference{dequantize(q), random_tensor({c.N}, ++seed), nullptr};
+    auto qg = std::make_shared<QuantizedTensor>(q);
+    qg->weight = gpu(q.weight);
+    qg->scales = gpu(q.scales);
+    qg->biases = gpu(q.biases);
+    Linear layer{Tensor(), gpu(reference.bias), qg};
+    const Tensor x = random_tensor({c.M, c.K}, ++seed);
+    const bool gemv = c.M <= 8 && (c.bits == 4 || c.bits == 8);
+    expect_close(ops::linear(gpu(x), layer), ops::linear(x, reference), gemv ? 1e-4 : 1e-2,
+                 "quantized linear M=" + std::to_string(c.M) + " bits=" + std::to_string(c.bits) +
+                     " group=" + std::to_string(c.group));
+  }
+}
+
+TEST(CudaOps, NormsMatchCpu) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  uint32_t seed = 200;
+  for (int64_t D : {31, 32, 33, 1024, 4304}) {
+    for (int64_t rows : {1, 7, 261}) {
+      const Tensor x = random_tensor({rows, D}, ++seed, 3.0f);
+      RMSNorm rms{random_tensor({D}, ++seed), 1e-5f};
+      LayerNorm ln{random_tensor({D}, ++seed), random_tensor({D}, ++seed), 1e-6f};
+      expect_close(ops::rms_norm(gpu(x), RMSNorm{gpu(rms.weight), rms.eps}), ops::rms_norm(x, rms),
+                   1e-5, "rms_norm D=" + std::to_string(D));
+      expect_close(ops::layer_norm(gpu(x), LayerNorm{gpu(ln.weight), gpu(ln.bias), ln.eps}),
+                   ops::layer_norm(x, ln), 1e-5, "layer_norm D=" + std::to_string(D));
+    }
+  }
+}
+
+TEST(CudaOps, ElementwiseMatchCpu) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  for (int64_t n : {31, 33, 4304, 100003}) {
+    const Tensor a = random_tensor({n}, uint32_t(n), 2.0f), b = random_tensor({n}, uint32_t(n + 1));
+    Tensor g = gpu(a).clone();
+    ops::gelu_inplace(g);
+    Tensor c = a.clone();
+    ops::gelu_inplace(c);
+    expect_close(g, c, 1e-6, "gelu");
+    expect_close(ops::silu_mul(gpu(a), gpu(b)), ops::silu_mul(a, b), 1e-6, "silu_mul");
+    Tensor x = gpu(a).clone();
+    ops::add_inplace(x, gpu(b));
+    Tensor xc = a.clone();
+    ops::add_inplace(xc, b);
+    expect_close(x, xc, 0, "add");
+  }
+  // Broadcast add ([1, N, D] over [B, N, D]) and LayerScale add.
+  const Tensor x = random_tensor({3, 33, 31}, 7), pos = random_tensor({1, 33, 31}, 8);
+  const Tensor y = random_tensor({3, 33, 31}, 9), scale = random_tensor({31}, 10);
+  Tensor xg = gpu(x).clone(), xc = x.clone();
+  ops::add_inplace(xg, gpu(pos));
+  ops::add_inplace(xc, pos);
+  expect_close(xg, xc, 0, "broadcast add");
+  ops::add_scaled_inplace(xg, gpu(y), gpu(scale));
+  ops::add_scaled_inplace(xc, y, scale);
+  expect_close(xg, xc, 1e-6, "add_scaled");
+  for (DType dt : {DType::BF16, DType::F16}) {
+    const Tensor t = random_tensor({33, 31}, 11).to(dt);
+    expect_close(ops::to_f32(gpu(t)), ops::to_f32(t), 0, "to_f32");
+  }
+}
+
+TEST(CudaOps, EmbeddingChecksIdsAndMatchesCpu) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  const Tensor table = random_tensor({33, 31}, 12).to(DType::BF16);
+  Tensor ids = Tensor::empty({5}, DType::I64);
+  const int64_t values[] = {0, 32, 7, 7, 31};
+  std::copy(values, values + 5, ids.data_mut<int64_t>());
+  expect_close(ops::embedding(ids, gpu(table)), ops::embedding(ids, table), 0, "embedding I64");
+  expect_close(ops::embedding(gpu(ids), gpu(table)), ops::embedding(ids, table), 0,
+               "embedding, ids on the GPU");
+  Tensor bad = Tensor::empty({2}, DType::I32);
+  bad.data_mut<int32_t>()[0] = 3;
+  bad.data_mut<int32_t>()[1] = 33;
+  try {
+    ops::embedding(bad, gpu(table));
+    FAIL() << "an out-of-range id was accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Request) << e.what();
+  }
+}
+
+TEST(CudaOps, ShapePlumbingMatchesCpu) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  const Tensor a = random_tensor({2, 5, 33}, 20), b = random_tensor({2, 3, 33}, 21);
+  for (int axis : {1, -2}) {
+    expect_close(ops::concat({gpu(a), gpu(b)}, axis), ops::concat({a, b}, axis), 0, "concat");
+  }
+  const Tensor c = random_tensor({2, 5, 31}, 22);
+  expect_close(ops::concat({gpu(a), gpu(c)}, 2), ops::concat({a, c}, 2), 0, "concat last");
+  expect_close(ops::slice(gpu(a), 1, 1, 4), ops::slice(a, 1, 1, 4), 0, "slice");
+  expect_close(ops::slice(gpu(a), 2, 31, 33), ops::slice(a, 2, 31, 33), 0, "slice last");
+  const Tensor one = random_tensor({1, 5, 31}, 23);
+  expect_close(ops::repeat_batch(gpu(one), 3), ops::repeat_batch(one, 3), 0, "repeat_batch");
+  const Tensor images = random_tensor({2, 28, 28, 3}, 24);
+  expect_close(ops::patchify(gpu(images), 14), ops::patchify(images, 14), 0, "patchify");
+  const Tensor x = random_tensor({2, 33, 3, 16}, 25);
+  expect_close(ops::heads_first(gpu(x)), ops::heads_first(x), 0, "heads_first");
+  Tensor dst_g = Tensor::zeros({2, 3, 40, 16}, DType::F32, Device::CUDA);
+  Tensor dst_c = Tensor::zeros({2, 3, 40, 16});
+  const Tensor src = random_tensor({2, 3, 7, 16}, 26);
+  ops::write_positions(dst_g, gpu(src), 31);
+  ops::write_positions(dst_c, src, 31);
+  expect_close(dst_g, dst_c, 0, "write_positions");
+  EXPECT_THROW(ops::write_positions(dst_g, gpu(src), 34), Error);
+}
+
+TEST(CudaOps, RopeMatchesCpu) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  for (int64_t offset : {0, 37, 4000}) {
+    for (int64_t Dh : {16, 72, 128}) {
+      const Tensor x = random_tensor({2, 33, 3, Dh}, uint32_t(offset + Dh));
+      Tensor g = gpu(x).clone(), c = x.clone();
+      ops::rope_inplace(g, offset, 10000.0f);
+      ops::rope_inplace(c, offset, 10000.0f);
+      // The same float angles on both sides (inv_freq comes from the host); what remains is
+      // sincosf against glibc (a few ulp).
+      expect_close(g, c, 2e-5, "rope offset=" + std::to_string(offset));
+    }
+  }
+}
+
+TEST(CudaOps, BidirectionalAttentionMatchesCpu) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  struct Case { int64_t B, T, heads, Dh; };
+  const Case cases[] = {{1, 1, 2, 64}, {2, 31, 2, 64}, {1, 33, 3, 72}, {1, 261, 16, 64},
+                        {1, 256, 16, 72}, {2, 32, 1, 128}, {1, 40, 4, 18}};
+  uint32_t seed = 300;
+  for (const Case& c : cases) {
+    const Tensor qkv = random_tensor({c.B, c.T, 3 * c.heads * c.Dh}, ++seed, 1.5f);
+    expect_close(ops::self_attention_qkv(gpu(qkv), c.heads), ops::self_attention_qkv(qkv, c.heads),
+                 1e-4, "self_attention T=" + std::to_string(c.T) + " Dh=" + std::to_string(c.Dh));
+  }
+}
+
+TEST(CudaOps, CausalAttentionMatchesCpuForPrefillAndDecode) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  struct Case { int64_t B, Lq, offset, Hq, Hkv, Dh, capacity, window; };
+  const Case cases[] = {
+      {1, 33, 0, 8, 2, 128, 40, 0},   {2, 31, 9, 4, 2, 16, 64, 0},  {1, 33, 40, 8, 8, 64, 80, 7},
+      {1, 1, 299, 32, 8, 128, 512, 0}, {2, 1, 32, 4, 2, 16, 33, 0},  {1, 1, 300, 8, 2, 128, 320, 64},
+      {1, 280, 0, 32, 8, 128, 300, 0}, {1, 1, 0, 4, 4, 72, 8, 0},
+  };
+  uint32_t seed = 400;
+  for (const Case& c : cases) {
+    const int64_t length = c.offset + c.Lq;
+    const Tensor q = random_tensor({c.B, c.Lq, c.Hq, c.Dh}, ++seed);
+    const Tensor k = random_tensor({c.B, c.Hkv, c.capacity, c.Dh}, ++seed);
+    const Tensor v = random_tensor({c.B, c.Hkv, c.capacity, c.Dh}, ++seed);
+    const Tensor expected = ops::causal_attention(q, CachedKV{k, v, length}, c.offset, c.window);
+    expect_close(ops::causal_attention(gpu(q), CachedKV{gpu(k), gpu(v), length}, c.offset, c.window),
+                 expected, 1e-4,
+                 "causal_attention Lq=" + std::to_string(c.Lq) + " offset=" +
+                     std::to_string(c.offset) + " window=" + std::to_string(c.window));
+  }
+}
+
+TEST(CudaOps, BadInputsFailWithErrors) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  const Tensor x = gpu(random_tensor({2, 33}, 1));
+  Linear layer{gpu(random_tensor({4, 32}, 2).to(DType::BF16)), Tensor(), nullptr};
+  EXPECT_THROW(ops::linear(x, layer), Error);
+  EXPECT_THROW(ops::silu_mul(x, gpu(random_tensor({2, 32}, 3))), Error);
+  const Tensor qkv = gpu(random_tensor({1, 4, 3 * 2 * 160}, 4));
+  EXPECT_THROW(ops::self_attention_qkv(qkv, 2), Error);  // head dim 160 > 128
+  Linear host_weights{random_tensor({4, 33}, 5), Tensor(), nullptr};
+  EXPECT_THROW(ops::linear(x, host_weights), Error);
+}
+
+}  // namespace
+}  // namespace moxin
