@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-/tmp/moxin-bench}
 mkdir -p "$work" bench/results
-bin=build/moxin-vlm
+bin=${MOXIN_BIN:-build/moxin-vlm}
 [ -x "$bin" ] || { cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null; cmake --build build --target moxin-vlm; }
 
 full=${MOXIN_FULL_CHECKPOINT:-$work/full}
