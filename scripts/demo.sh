@@ -29,3 +29,13 @@ top = np.argsort(logits[-1])[::-1][:5]
 print(f"logits {logits.shape} {logits.dtype}; top-5 next-token ids {top.tolist()} "
       f"with logits {np.round(logits[-1][top], 3).tolist()}")
 PY
+
+# A real question about the photo. The demo decoder has random weights and a 2048-id
+# vocabulary, so the answer is random words; the bundled Mistral tokenizer (32001 ids) is copied
+# beside it, and --allow-vocab-mismatch lets the pair run (prompt ids the small model lacks
+# become <unk>). With the released Moxin-7B-VLM-hf the same command runs without that flag.
+cp tests/fixtures/tokenizer/mistral/* "$checkpoint"/
+echo; echo "== moxin-vlm generate --model $checkpoint --image $photo --prompt 'What is in the image?'"
+echo "   (random weights: random words)"
+build/moxin-vlm generate --model "$checkpoint" --image "$photo" --prompt "What is in the image?" \
+  --max-tokens 24 --allow-vocab-mismatch

@@ -15,6 +15,8 @@ int main(int argc, char** argv) {
       moxin::cli::add_inspect(app),
       moxin::cli::add_logits(app),
       moxin::cli::add_bench(app),
+      moxin::cli::add_generate(app),
+      moxin::cli::add_chat(app),
       moxin::cli::add_quantize(app),
   };
   try {

@@ -4,6 +4,7 @@
 #include "moxin/config.h"
 #include "moxin/dtype.h"
 #include "moxin/errors.h"
+#include "moxin/generate.h"
 #include "moxin/image.h"
 #include "moxin/kv_cache.h"
 #include "moxin/model.h"

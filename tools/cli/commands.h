@@ -15,6 +15,8 @@ struct Command {
 Command add_inspect(CLI::App& app);
 Command add_logits(CLI::App& app);
 Command add_bench(CLI::App& app);
+Command add_generate(CLI::App& app);
+Command add_chat(CLI::App& app);
 Command add_quantize(CLI::App& app);
 
 }  // namespace moxin::cli
