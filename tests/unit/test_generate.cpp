@@ -194,7 +194,9 @@ TEST_F(TinyModel, AnswerIsTheStrippedDecodeAndStreamsWhole) {
   EXPECT_EQ(r.text, std::string(strip_whitespace(tokenizer_->decode(answer_ids))));
   EXPECT_EQ(streamed, r.text);
   EXPECT_GT(r.time_to_first_token_s, 0);
-  if (r.generated_tokens >= 2) EXPECT_GT(r.decode_tokens_per_s, 0);
+  if (r.generated_tokens >= 2) {
+    EXPECT_GT(r.decode_tokens_per_s, 0);
+  }
 
   // Greedy generate() picks the ids the iterator picks from the same prompt ids.
   KVCacheList cache;

@@ -125,8 +125,10 @@ bool half_gemv(const float* x, int64_t M, int64_t K, const uint16_t* w, DType w_
                    : M == 3 ? pick<3>(use_avx512, bf16)
                             : pick<4>(use_avx512, bf16);
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
-  // Dynamic chunks of blocks: cores shared with other work finish at different times.
-#pragma omp parallel for schedule(dynamic, 16)
+  // Dynamic chunks of blocks: cores shared with other work finish at different times. Small
+  // products stay on one thread: a parallel region's barrier costs more than they do, and far
+  // more when another process holds a core.
+#pragma omp parallel for schedule(dynamic, 16) if (N * K >= (int64_t(1) << 18))
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t n0 = b * kRowBlock;
     const int rows = int(std::min<int64_t>(kRowBlock, N - n0));
