@@ -1,6 +1,10 @@
 #include "backend/cpu/half_gemv.h"
 
 #include <immintrin.h>
+// GCC 12's AVX-512 headers trip its own uninitialized-value warnings inside the intrinsics
+// (GCC bug 105593); nothing of ours is uninitialized.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include <algorithm>
 
