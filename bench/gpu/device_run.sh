@@ -4,16 +4,21 @@
 # test checkpoints and the full-size checkpoint in the background, run the CUDA tests, then
 # the benchmark. Logs go to $OUT (or ./gpu-out).
 #
-# Usage (from the repository root): bench/gpu/device_run.sh [tests|bench|all]
+# Usage (from the repository root): bench/gpu/device_run.sh [tests|bench|all] [BUILD_DIR]
 set -uo pipefail
 what="${1:-all}"
-out="${OUT:-$PWD/gpu-out}"
-mkdir -p "$out"
+build="${2:-build-cuda2}"
+# Logs are gathered in a work folder and packed into one archive under $OUT after each phase
+# (the device tool returns at most 8 files), so a phase that runs out of time loses nothing.
+out=/tmp/gpu-out
+final="${OUT:-$PWD/gpu-out}"
+mkdir -p "$out" "$final"
+pack() { tar -C "$out" -czf "$final/results.tar.gz" --exclude='*.npy' . ; }
 repo="$PWD"
 # The tests find their fixtures through the source path compiled into them.
 if [[ ! -e /work/main ]]; then mkdir -p /work && ln -s "$repo" /work/main; fi
 dist=/tmp/moxin-dist
-mkdir -p "$dist" && tar -C "$dist" -xJf build-cuda/dist.tar.xz
+mkdir -p "$dist" && tar -C "$dist" -xJf "$build/dist.tar.xz"
 export LD_LIBRARY_PATH="$dist:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 nvidia-smi -L | tee "$out/gpu.txt"
 ldd "$dist/moxin-vlm" | grep -i "not found" && echo "missing libraries" 
@@ -23,7 +28,7 @@ if [[ $what != tests ]]; then
     (python3 reference/make_checkpoints.py --variant full --out /tmp/moxin-full \
        >/tmp/gen_full.log 2>&1; echo "full: rc=$?" >>/tmp/gen_full.log) &
 fi
-if [[ $what != bench ]]; then
+if [[ $what == tests || $what == all ]]; then
   for v in tiny-hf tiny-native tiny-f32 real-towers; do
     (python3 reference/make_checkpoints.py --variant "$v" --out "tests/fixtures/checkpoints/$v" \
        >"/tmp/gen_$v.log" 2>&1) &
@@ -33,9 +38,27 @@ if [[ $what != bench ]]; then
   while pgrep -f "make_checkpoints.py --variant (tiny|real)" >/dev/null; do sleep 2; done
   echo "== test_cuda_model"
   timeout 240 "$dist/test_cuda_model" 2>&1 | tee "$out/test_cuda_model.log" | grep -E "OK|FAIL|Failure|cuda|greedy|host time|PASSED|SKIPPED|error|Expected|Which|actual"
+  pack
 fi
 if [[ $what != tests ]]; then
   while [[ ! -f /tmp/moxin-full/config.json ]] || pgrep -f "variant full" >/dev/null; do sleep 3; done
   tail -2 /tmp/gen_full.log
+  if [[ $what == all || $what == check ]]; then
+    echo "== full checkpoint diagnostics (bench sequence, 4-bit; decode op times)"
+    MOXIN_FULL_CHECKPOINT=/tmp/moxin-full timeout 200 "$dist/test_cuda_full" 2>&1 | \
+      tee "$out/test_cuda_full.log" | grep -E "\[full\]|OK|FAIL|Failure|Expected|Which|actual"
+    echo "-- the same op times with one-block-per-head decode attention (no split):"
+    MOXIN_FULL_CHECKPOINT=/tmp/moxin-full MOXIN_CUDA_SPLIT_ATTENTION=0 timeout 60 \
+      "$dist/test_cuda_full" --gtest_filter='*DecodeOpTimes*' 2>&1 | \
+      tee "$out/test_cuda_full_nosplit.log" | grep -E "attention"
+    pack
+  fi
+  if [[ $what == check ]]; then
+    echo "== quantized full checkpoint: CPU vs GPU logits"
+    bench/gpu/quant_check.sh "$dist/moxin-vlm" /tmp/moxin-full "$out" 4 2>&1 | tee "$out/quant_check.txt"
+    pack
+  fi
+  [[ $what == check ]] && exit 0
   bench/gpu/run_bench.sh "$dist/moxin-vlm" "$out" /tmp/moxin-full
+  pack
 fi

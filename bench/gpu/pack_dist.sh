@@ -3,11 +3,11 @@
 # one shared library the GPU image lacks (sentencepiece), stripped and xz-compressed so the
 # carried build stays under the device tool's 64 MiB. Usage: bench/gpu/pack_dist.sh [BUILD_DIR]
 set -euo pipefail
-build="${1:-build-cuda}"
+build="${1:-build-cuda2}"
 rm -rf "$build/dist" "$build/dist.tar.xz"
 mkdir -p "$build/dist"
-cp "$build/moxin-vlm" "$build/tests/test_cuda_ops" "$build/tests/test_cuda_model" "$build/dist/"
+cp "$build/moxin-vlm" "$build/tests/test_cuda_ops" "$build/tests/test_cuda_model" "$build/tests/test_cuda_full" "$build/dist/"
 cp "$(ldconfig -p | awk '/libsentencepiece.so.0 /{print $NF; exit}')" "$build/dist/"
-strip "$build/dist/moxin-vlm" "$build/dist/test_cuda_ops" "$build/dist/test_cuda_model"
+strip "$build/dist/moxin-vlm" "$build/dist/test_cuda_ops" "$build/dist/test_cuda_model" "$build/dist/test_cuda_full"
 tar -C "$build/dist" -cJf "$build/dist.tar.xz" .
 ls -la "$build/dist.tar.xz"

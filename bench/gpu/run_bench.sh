@@ -12,21 +12,32 @@ out="$2"
 ckpt="${3:-/tmp/moxin-full}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 mkdir -p "$out"
+export MOXIN_CUDA_TUNE_LOG=1  # the GEMV variant chosen per shape, into bench.err
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem \
   --format=csv | tee -a "$out/gpu.txt"
 if [[ ! -f "$ckpt/config.json" ]]; then
   echo "generating the full-size checkpoint into $ckpt ..."
   python3 "$repo/reference/make_checkpoints.py" --variant full --out "$ckpt" >/tmp/gen_full.log 2>&1 || exit 1
 fi
-for bits in 0 8 4; do
+summary() {
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items() if k in ('vision_ms','ttft_ms','prefill_ms','decode_tok_s','decode_eager_tok_s','decode_fraction_of_roofline','host_us_per_token','peak_gpu_mem_gb','peak_gpu_mem_over_weights_kv_gb','gpu_copy_bandwidth_gbs','first_tokens','decode_roofline_tok_s','weights_on_gpu_gb')})" "$1" 2>&1 | cut -c1-900
+}
+# bf16_nopdl: the same run with programmatic dependent launch off (MOXIN_CUDA_PDL=0), to
+# measure what overlapping kernel launches gives.
+for name in bf16 q8 q4 bf16_nopdl; do
   args=(bench --model "$ckpt" --device cuda --prompt-tokens 24 --decode-tokens 128)
-  name=bf16
-  if [[ $bits != 0 ]]; then args+=(--quantize "$bits" --group-size 64); name="q${bits}"; fi
+  env=()
+  case $name in
+    q8) args+=(--quantize 8 --group-size 64) ;;
+    q4) args+=(--quantize 4 --group-size 64) ;;
+    bf16_nopdl) env=(MOXIN_CUDA_PDL=0) ;;
+  esac
   echo "== moxin-vlm $name"
-  timeout 240 "$bin" "${args[@]}" >"$out/bench_${name}.json" 2>>"$out/bench.err"
-  echo "rc=$?"; cat "$out/bench_${name}.json"; tail -3 "$out/bench.err"
+  echo "== $name" >>"$out/bench.err"
+  env "${env[@]}" timeout 240 "$bin" "${args[@]}" >"$out/bench_${name}.json" 2>>"$out/bench.err"
+  echo "rc=$?"; summary "$out/bench_${name}.json"
 done
 echo "== HF transformers bf16"
 PYTHONUNBUFFERED=1 timeout 300 python3 "$repo/bench/gpu/hf_baseline.py" --model "$ckpt" \
   --prompt-tokens 24 --decode-tokens 64 >"$out/bench_hf.json" 2>>"$out/bench.err"
-echo "rc=$?"; cat "$out/bench_hf.json"; tail -5 "$out/bench.err"
+echo "rc=$?"; cat "$out/bench_hf.json" | tr -d '\n' | cut -c1-1200; echo; tail -3 "$out/bench.err"

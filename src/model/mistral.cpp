@@ -1,6 +1,7 @@
 // The decoder: Mistral blocks over the fused image+text sequence, and the VLM's forward paths.
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include "moxin/errors.h"
 #include "moxin/model.h"
@@ -19,9 +20,11 @@ Tensor decoder_layer_forward(const DecoderLayer& layer, const Tensor& x_in, KeyV
   Tensor x = x_in;  // [B, L, hidden]
 
   Tensor h = ops::rms_norm(x, layer.input_layernorm);
-  Tensor q = ops::linear(h, layer.self_attn.q_proj).reshape({B, L, Hq, Dh});
-  Tensor k = ops::linear(h, layer.self_attn.k_proj).reshape({B, L, Hkv, Dh});
-  Tensor v = ops::linear(h, layer.self_attn.v_proj).reshape({B, L, Hkv, Dh});
+  const std::vector<Tensor> qkv = ops::linear_same_input(
+      h, {&layer.self_attn.q_proj, &layer.self_attn.k_proj, &layer.self_attn.v_proj});
+  Tensor q = qkv[0].reshape({B, L, Hq, Dh});
+  Tensor k = qkv[1].reshape({B, L, Hkv, Dh});
+  Tensor v = qkv[2].reshape({B, L, Hkv, Dh});
   ops::rope_inplace(q, offset, config.rope_theta);
   ops::rope_inplace(k, offset, config.rope_theta);
   const CachedKV history = cache.update_and_fetch(ops::heads_first(k), ops::heads_first(v));
@@ -29,7 +32,7 @@ Tensor decoder_layer_forward(const DecoderLayer& layer, const Tensor& x_in, KeyV
   ops::add_inplace(x, ops::linear(attn, layer.self_attn.o_proj));
 
   h = ops::rms_norm(x, layer.post_attention_layernorm);
-  Tensor gated = ops::silu_mul(ops::linear(h, layer.mlp.gate_proj), ops::linear(h, layer.mlp.up_proj));
+  Tensor gated = ops::swiglu_linear(h, layer.mlp.gate_proj, layer.mlp.up_proj);
   ops::add_inplace(x, ops::linear(gated, layer.mlp.down_proj));
   return x;
 }

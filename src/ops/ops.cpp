@@ -57,6 +57,19 @@ Tensor linear(const Tensor& x, const Linear& layer) {
   return y;
 }
 
+std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const Linear*>& layers) {
+  DISPATCH_CUDA(x, linear_same_input(x, layers));
+  std::vector<Tensor> out;
+  out.reserve(layers.size());
+  for (const Linear* layer : layers) out.push_back(linear(x, *layer));
+  return out;
+}
+
+Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up) {
+  DISPATCH_CUDA(x, swiglu_linear(x, gate, up));
+  return silu_mul(linear(x, gate), linear(x, up));
+}
+
 Tensor layer_norm(const Tensor& x, const LayerNorm& norm) {
   DISPATCH_CUDA(x, layer_norm(x, norm));
   require_f32(x, "layer_norm");

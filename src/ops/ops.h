@@ -12,6 +12,12 @@ namespace moxin::ops {
 
 // x [..., in] -> [..., out]
 Tensor linear(const Tensor& x, const Linear& layer);
+// Linear layers that read the same input (q/k/v projections): out[i] = linear(x, *layers[i]).
+// A backend may run them as one product; results equal the separate calls.
+std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const Linear*>& layers);
+// silu(linear(x, gate)) * linear(x, up), the input half of a SwiGLU MLP (one product on a GPU
+// decode step).
+Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up);
 Tensor layer_norm(const Tensor& x, const LayerNorm& norm);
 Tensor rms_norm(const Tensor& x, const RMSNorm& norm);
 void gelu_inplace(Tensor& x);                            // exact (erf) GELU

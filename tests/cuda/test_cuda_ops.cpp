@@ -14,6 +14,9 @@
 #include "moxin/model.h"
 #include "moxin/quantize.h"
 #include "ops/ops.h"
+#if MOXIN_WITH_CUDA
+#include "backend/cuda/cuda_ops.h"
+#endif
 
 namespace moxin {
 namespace {
@@ -82,7 +85,9 @@ TEST(CudaOps, QuantizedLinearMatchesDequantizedReference) {
                         {1, 512, 33, 8, 128}, {33, 4352, 32, 4, 64}, {1, 192, 31, 3, 64},
                         {2, 256, 33, 6, 64},
                         // lm_head and down_proj of the 7B decoder
-                        {1, 4096, 32064, 4, 64}, {1, 4096, 32064, 8, 64}, {1, 14336, 4096, 4, 64}};
+                        {1, 4096, 32064, 4, 64}, {1, 4096, 32064, 8, 64}, {1, 14336, 4096, 4, 64},
+                        // prefill (word-wise dequantization + cuBLASLt) at awkward sizes
+                        {9, 4352, 33, 8, 64}, {261, 256, 4304, 4, 32}, {31, 512, 31, 8, 128}};
   uint32_t seed = 100;
   for (const Case& c : cases) {
     const Tensor w = random_tensor({c.N, c.K}, ++seed, 0.05f).to(DType::BF16);
@@ -100,6 +105,94 @@ TEST(CudaOps, QuantizedLinearMatchesDequantizedReference) {
                      " group=" + std::to_string(c.group));
   }
 }
+
+#if MOXIN_WITH_CUDA
+// Every single-row kernel variant the tuner may pick, at awkward widths (rows that do not fill
+// a block, K that leaves threads idle), bf16 and 4/8-bit.
+TEST(CudaOps, EverySingleRowGemvVariantMatchesCpu) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  struct Case { int64_t K, N; int bits; };  // bits 0: bf16
+  const Case cases[] = {{4352, 33, 0}, {64, 4304, 0}, {14336, 31, 0}, {4096, 1025, 0},
+                        {4352, 33, 4}, {256, 4304, 4}, {14336, 31, 4}, {4096, 1025, 4},
+                        {4352, 33, 8}, {256, 4304, 8}, {14336, 31, 8}, {4096, 1025, 8}};
+  uint32_t seed = 300;
+  for (int variant = 0; variant < 4; ++variant) {
+    cuda::set_gemv_variant_for_testing(variant);
+    for (const Case& c : cases) {
+      const Tensor w = random_tensor({c.N, c.K}, ++seed, 0.05f).to(DType::BF16);
+      const Tensor bias = random_tensor({c.N}, ++seed);
+      const Tensor x = random_tensor({1, c.K}, ++seed);
+      Linear reference, layer;
+      if (c.bits == 0) {
+        reference = Linear{w, bias, nullptr};
+        layer = Linear{gpu(w), gpu(bias), nullptr};
+      } else {
+        const QuantizedTensor q = quantize(w, 64, c.bits);
+        reference = Linear{dequantize(q), bias, nullptr};
+        auto qg = std::make_shared<QuantizedTensor>(q);
+        qg->weight = gpu(q.weight);
+        qg->scales = gpu(q.scales);
+        qg->biases = gpu(q.biases);
+        layer = Linear{Tensor(), gpu(bias), qg};
+      }
+      expect_close(ops::linear(gpu(x), layer), ops::linear(x, reference), c.bits ? 1e-4 : 1e-5,
+                   "variant " + std::to_string(variant) + " K=" + std::to_string(c.K) +
+                       " N=" + std::to_string(c.N) + " bits=" + std::to_string(c.bits));
+    }
+  }
+  cuda::set_gemv_variant_for_testing(-1);
+}
+
+// The fused single-row launches (q/k/v segments, gate/up with SwiGLU) against separate CPU
+// products, for every variant, bf16 and 4/8-bit, with segment widths that do not fill a block;
+// with several rows they fall back to separate products and must agree too.
+TEST(CudaOps, FusedSameInputProductsMatchCpu) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  uint32_t seed = 500;
+  auto make = [&](int64_t N, int64_t K, int bits, bool bias, Linear* cpu_layer, Linear* gpu_layer) {
+    const Tensor w = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
+    const Tensor b = bias ? random_tensor({N}, ++seed) : Tensor();
+    if (bits == 0) {
+      *cpu_layer = Linear{w, b, nullptr};
+      *gpu_layer = Linear{gpu(w), gpu(b), nullptr};
+    } else {
+      const QuantizedTensor q = quantize(w, 64, bits);
+      *cpu_layer = Linear{dequantize(q), b, nullptr};
+      auto qg = std::make_shared<QuantizedTensor>(q);
+      qg->weight = gpu(q.weight);
+      qg->scales = gpu(q.scales);
+      qg->biases = gpu(q.biases);
+      *gpu_layer = Linear{Tensor(), gpu(b), qg};
+    }
+  };
+  for (int variant = 0; variant < 3; ++variant) {
+    cuda::set_gemv_variant_for_testing(variant);
+    for (int bits : {0, 4, 8}) {
+      for (int64_t M : {1, 3}) {
+        const int64_t K = bits == 8 ? 4352 : 576;
+        const double tol = bits ? 1e-4 : 1e-5;
+        const std::string what = "variant " + std::to_string(variant) + " bits " +
+                                 std::to_string(bits) + " M " + std::to_string(M);
+        Linear c[3], g[3];
+        make(33, K, bits, true, &c[0], &g[0]);
+        make(31, K, bits, false, &c[1], &g[1]);
+        make(1025, K, bits, true, &c[2], &g[2]);
+        const Tensor x = random_tensor({1, M, K}, ++seed);
+        const std::vector<Tensor> got = ops::linear_same_input(gpu(x), {&g[0], &g[1], &g[2]});
+        ASSERT_EQ(got.size(), 3u);
+        for (int i = 0; i < 3; ++i)
+          expect_close(got[size_t(i)], ops::linear(x, c[i]), tol, what + " segment " + std::to_string(i));
+        Linear cg, gg, cu, gu;
+        make(4305, K, bits, false, &cg, &gg);
+        make(4305, K, bits, true, &cu, &gu);
+        expect_close(ops::swiglu_linear(gpu(x), gg, gu),
+                     ops::silu_mul(ops::linear(x, cg), ops::linear(x, cu)), tol, what + " swiglu");
+      }
+    }
+  }
+  cuda::set_gemv_variant_for_testing(-1);
+}
+#endif
 
 TEST(CudaOps, NormsMatchCpu) {
   MOXIN_SKIP_WITHOUT_GPU();
@@ -229,6 +322,8 @@ TEST(CudaOps, CausalAttentionMatchesCpuForPrefillAndDecode) {
       {1, 33, 0, 8, 2, 128, 40, 0},   {2, 31, 9, 4, 2, 16, 64, 0},  {1, 33, 40, 8, 8, 64, 80, 7},
       {1, 1, 299, 32, 8, 128, 512, 0}, {2, 1, 32, 4, 2, 16, 33, 0},  {1, 1, 300, 8, 2, 128, 320, 64},
       {1, 280, 0, 32, 8, 128, 300, 0}, {1, 1, 0, 4, 4, 72, 8, 0},
+      // decode split over many key blocks (flash-decoding), with a window and two sequences
+      {2, 1, 700, 8, 4, 72, 1000, 100}, {1, 1, 63, 32, 8, 128, 1000, 0},
   };
   uint32_t seed = 400;
   for (const Case& c : cases) {

@@ -1,10 +1,8 @@
 // The moxin-vlm binary as a user runs it: parity through the `logits` command, and every bad
 // input ending as one line on stderr with a non-zero exit status.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
 #include <fstream>
-#include <sstream>
 
 #include "core/npy.h"
 #include "test_support.h"
@@ -14,49 +12,23 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct RunResult {
-  int status = -1;
-  std::string out, err;
-};
-
 class Cli : public ::testing::Test {
  protected:
   void SetUp() override {
-    binary_ = fs::path(MOXIN_BINARY_DIR) / "moxin-vlm";
-    ASSERT_TRUE(fs::exists(binary_)) << binary_;
-    scratch_ = fs::temp_directory_path() /
-               ("moxin-cli-" + std::to_string(::getpid()) + "-" +
-                ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::create_directories(scratch_);
+    ASSERT_TRUE(fs::exists(test::cli_binary())) << test::cli_binary();
+    scratch_ = test::scratch_dir("moxin-cli");
     tiny_ = test::checkpoint_dir("tiny-hf");
     ASSERT_FALSE(tiny_.empty()) << "run scripts/make_test_checkpoints.sh";
     photo_ = test::fixtures_dir() / "parity" / "photo.png";
   }
   void TearDown() override { fs::remove_all(scratch_); }
 
-  static std::string slurp(const fs::path& file) {
-    std::ifstream in(file);
-    std::stringstream s;
-    s << in.rdbuf();
-    return s.str();
-  }
-
-  RunResult run(const std::string& args) {
-    const fs::path out = scratch_ / "stdout", err = scratch_ / "stderr";
-    const std::string command = binary_.string() + " " + args + " >" + out.string() + " 2>" +
-                                err.string() + " </dev/null";
-    const int raw = std::system(command.c_str());
-    RunResult r;
-    r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + WTERMSIG(raw);
-    r.out = slurp(out);
-    r.err = slurp(err);
-    return r;
-  }
+  test::CliResult run(const std::string& args) { return test::run_cli(args, scratch_); }
 
   // A failure: non-zero status (not a crash: no signal), and one line on stderr.
   void expect_clean_failure(const std::string& args, const std::string& mentions) {
     SCOPED_TRACE(args);
-    const RunResult r = run(args);
+    const test::CliResult r = run(args);
     EXPECT_NE(r.status, 0);
     EXPECT_LT(r.status, 128) << "killed by a signal";
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
@@ -64,12 +36,12 @@ class Cli : public ::testing::Test {
     EXPECT_NE(r.err.find(mentions), std::string::npos) << r.err;
   }
 
-  fs::path binary_, scratch_, tiny_, photo_;
+  fs::path scratch_, tiny_, photo_;
 };
 
 TEST_F(Cli, LogitsMatchTheReference) {
   const fs::path out = scratch_ / "logits.npy";
-  const RunResult r = run("logits --model " + tiny_.string() + " --image " + photo_.string() +
+  const test::CliResult r = run("logits --model " + tiny_.string() + " --image " + photo_.string() +
                           " --ids 1,402,77,311,19,250,13,468 --last 3 --out " + out.string());
   ASSERT_EQ(r.status, 0) << r.err;
   const Tensor logits = npy::load(out);
@@ -83,7 +55,7 @@ TEST_F(Cli, LogitsMatchTheReference) {
 }
 
 TEST_F(Cli, InspectDescribesTheCheckpoint) {
-  const RunResult r = run("inspect --model " + tiny_.string());
+  const test::CliResult r = run("inspect --model " + tiny_.string());
   ASSERT_EQ(r.status, 0) << r.err;
   for (const char* needle : {"vision_backbone.featurizer.", "fused qkv", "language_model.",
                              "BF16", "attn_pool", "loads cleanly"})

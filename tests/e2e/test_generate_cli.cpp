@@ -18,20 +18,11 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct RunResult {
-  int status = -1;
-  std::string out, err;
-};
-
 class GenerateCli : public ::testing::Test {
  protected:
   void SetUp() override {
-    binary_ = fs::path(MOXIN_BINARY_DIR) / "moxin-vlm";
-    ASSERT_TRUE(fs::exists(binary_)) << binary_;
-    scratch_ = fs::temp_directory_path() /
-               ("moxin-gen-cli-" + std::to_string(::getpid()) + "-" +
-                ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::create_directories(scratch_);
+    ASSERT_TRUE(fs::exists(test::cli_binary())) << test::cli_binary();
+    scratch_ = test::scratch_dir("moxin-gen-cli");
     const fs::path tiny = test::checkpoint_dir("tiny-hf");
     ASSERT_FALSE(tiny.empty()) << "run scripts/make_test_checkpoints.sh";
     bare_ = tiny;
@@ -44,24 +35,8 @@ class GenerateCli : public ::testing::Test {
   }
   void TearDown() override { fs::remove_all(scratch_); }
 
-  static std::string slurp(const fs::path& file) {
-    std::ifstream in(file, std::ios::binary);
-    std::stringstream s;
-    s << in.rdbuf();
-    return s.str();
-  }
-
-  RunResult run(const std::string& args, const std::string& stdin_text = "") {
-    const fs::path out = scratch_ / "stdout", err = scratch_ / "stderr", in = scratch_ / "stdin";
-    std::ofstream(in, std::ios::binary) << stdin_text;
-    const std::string command = binary_.string() + " " + args + " >" + out.string() + " 2>" +
-                                err.string() + " <" + in.string();
-    const int raw = std::system(command.c_str());
-    RunResult r;
-    r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + WTERMSIG(raw);
-    r.out = slurp(out);
-    r.err = slurp(err);
-    return r;
+  test::CliResult run(const std::string& args, const std::string& stdin_text = "") {
+    return test::run_cli(args, scratch_, stdin_text);
   }
 
   // A shell word that is exactly `text` (for /bin/sh).
@@ -72,7 +47,7 @@ class GenerateCli : public ::testing::Test {
   }
 
   nlohmann::json run_json(const std::string& args) {
-    const RunResult r = run("generate " + base_ + " --json " + args);
+    const test::CliResult r = run("generate " + base_ + " --json " + args);
     EXPECT_EQ(r.status, 0) << r.err;
     EXPECT_EQ(r.err, "") << "--json writes no stats line";
     return r.status == 0 ? nlohmann::json::parse(r.out) : nlohmann::json();
@@ -81,7 +56,7 @@ class GenerateCli : public ::testing::Test {
   void expect_clean_failure(const std::string& args, const std::string& mentions,
                             const std::string& stdin_text = "") {
     SCOPED_TRACE(args);
-    const RunResult r = run(args, stdin_text);
+    const test::CliResult r = run(args, stdin_text);
     EXPECT_NE(r.status, 0);
     EXPECT_LT(r.status, 128) << "killed by a signal";
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
@@ -90,12 +65,12 @@ class GenerateCli : public ::testing::Test {
     EXPECT_EQ(r.out, "");
   }
 
-  fs::path binary_, scratch_, bare_, model_, photo_;
+  fs::path scratch_, bare_, model_, photo_;
   std::string base_;
 };
 
 TEST_F(GenerateCli, StreamsTheAnswerAndAStatsLine) {
-  const RunResult r =
+  const test::CliResult r =
       run("generate " + base_ + " --prompt 'What is in the image?' --max-tokens 16");
   ASSERT_EQ(r.status, 0) << r.err;
   // stderr is not a terminal here: no progress indicator; the vocabulary note, the stats line.
@@ -161,7 +136,7 @@ TEST_F(GenerateCli, RawPromptAndStopString) {
 }
 
 TEST_F(GenerateCli, ChatReusesTheCacheAcrossTurns) {
-  const RunResult r =
+  const test::CliResult r =
       run("chat " + base_ + " --max-tokens 6", "What is in the image?\n\n   \nAnd the colour?\n");
   ASSERT_EQ(r.status, 0) << r.err;
   // Two answers on stdout, one per line; blank lines are skipped; two stats lines.
@@ -186,7 +161,7 @@ TEST_F(GenerateCli, ChatReusesTheCacheAcrossTurns) {
   EXPECT_EQ(r.out, a1 + "\n" + a2 + "\n");
 
   // A refused turn is reported, the conversation goes on, and the exit status says so.
-  const RunResult bad = run("chat " + base_ + " --max-tokens 6 --context-limit 290",
+  const test::CliResult bad = run("chat " + base_ + " --max-tokens 6 --context-limit 290",
                             "What is in the image?\nAnd the colour of it?\n");
   EXPECT_EQ(bad.status, 1);
   EXPECT_NE(bad.err.find("does not fit"), std::string::npos) << bad.err;

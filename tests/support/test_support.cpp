@@ -1,9 +1,12 @@
 #include "test_support.h"
 
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdlib>
+#include <fstream>
 #include <sstream>
 
 namespace moxin::test {
@@ -16,6 +19,39 @@ std::filesystem::path checkpoint_dir(const std::string& variant) {
   const std::filesystem::path dir =
       (root ? std::filesystem::path(root) : fixtures_dir() / "checkpoints") / variant;
   return std::filesystem::exists(dir / "config.json") ? dir : std::filesystem::path();
+}
+
+std::filesystem::path scratch_dir(const std::string& prefix) {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() /
+      (prefix + "-" + std::to_string(::getpid()) + "-" + (info ? info->name() : "global"));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+std::string read_file(const std::filesystem::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::filesystem::path cli_binary() { return std::filesystem::path(MOXIN_BINARY_DIR) / "moxin-vlm"; }
+
+CliResult run_cli(const std::string& args, const std::filesystem::path& scratch,
+                  const std::string& stdin_text) {
+  const auto out = scratch / "stdout", err = scratch / "stderr", in = scratch / "stdin";
+  std::ofstream(in, std::ios::binary) << stdin_text;
+  const std::string command = cli_binary().string() + " " + args + " >" + out.string() + " 2>" +
+                              err.string() + " <" + in.string();
+  const int raw = std::system(command.c_str());
+  CliResult r;
+  r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + WTERMSIG(raw);
+  r.out = read_file(out);
+  r.err = read_file(err);
+  return r;
 }
 
 std::string Difference::to_string() const {

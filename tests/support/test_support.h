@@ -14,6 +14,20 @@ std::filesystem::path fixtures_dir();  // tests/fixtures
 // overrides the root. Returns "" when absent, so the caller can FAIL with a useful message.
 std::filesystem::path checkpoint_dir(const std::string& variant);
 
+// A fresh, empty directory unique to this process and the running test.
+std::filesystem::path scratch_dir(const std::string& prefix);
+std::string read_file(const std::filesystem::path& file);
+
+// The moxin-vlm binary as a user runs it: `args` are shell words, stdout and stderr captured
+// through files in `scratch`.
+struct CliResult {
+  int status = -1;  // exit status, or 128 + signal
+  std::string out, err;
+};
+std::filesystem::path cli_binary();
+CliResult run_cli(const std::string& args, const std::filesystem::path& scratch,
+                  const std::string& stdin_text = "");
+
 struct Difference {
   double max_abs = 0;      // max |a - e|
   double max_rel = 0;      // max |a - e| / max |e|: error relative to the tensor's scale

@@ -23,10 +23,7 @@ class Loader : public ::testing::Test {
     tiny_native_ = test::checkpoint_dir("tiny-native");
     ASSERT_FALSE(tiny_hf_.empty() || tiny_native_.empty())
         << "test checkpoints not generated: run scripts/make_test_checkpoints.sh";
-    scratch_ = fs::temp_directory_path() /
-               ("moxin-loader-" + std::to_string(::getpid()) + "-" +
-                ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(scratch_);
+    scratch_ = test::scratch_dir("moxin-loader");
   }
   void TearDown() override { fs::remove_all(scratch_); }
 

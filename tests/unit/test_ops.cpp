@@ -76,7 +76,7 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(HalfGemv, EveryInstructionSetMatchesBlas) {
   for (const auto isa : {cpu::HalfGemvIsa::Avx2, cpu::HalfGemvIsa::Avx512})
     for (const DType dtype : {DType::BF16, DType::F16})
-      for (const auto [M, K, N] : {std::tuple{1, 31, 33}, std::tuple{4, 4304, 9}, std::tuple{2, 17, 5}}) {
+      for (const auto& [M, K, N] : {std::tuple{1, 31, 33}, std::tuple{4, 4304, 9}, std::tuple{2, 17, 5}}) {
         SCOPED_TRACE("M=" + std::to_string(M) + " K=" + std::to_string(K) + " N=" + std::to_string(N));
         const Tensor x = random_tensor({M, K}, kSeed);
         const Tensor w = random_tensor({N, K}, kSeed + 1, 0.1f).to(dtype);

@@ -23,10 +23,7 @@ class QuantizedModel : public ::testing::Test {
     tiny_ = test::checkpoint_dir("tiny-hf");
     ASSERT_FALSE(tiny_.empty()) << "run scripts/make_test_checkpoints.sh";
     fixtures_ = test::fixtures_dir() / "parity" / "tiny-hf";
-    scratch_ = fs::temp_directory_path() /
-               ("moxin-quant-" + std::to_string(::getpid()) + "-" +
-                ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(scratch_);
+    scratch_ = test::scratch_dir("moxin-quant");
     std::ifstream in(fixtures_ / "meta.json");
     const auto ids = nlohmann::json::parse(in)["input_ids"].get<std::vector<int32_t>>();
     ids_ = Tensor::empty({1, int64_t(ids.size())}, DType::I32);

@@ -18,6 +18,8 @@ constexpr size_t kArenaBytes = size_t(96) << 20;  // a 7B decode step records ~1
 // advances the recorded step's position delta.
 __global__ void __launch_bounds__(1024) argmax_kernel(const float* __restrict__ row, int64_t n,
                                                       int32_t* out, int* delta) {
+  pdl_wait();
+  pdl_trigger();
   __shared__ float best_v[32];
   __shared__ int32_t best_i[32];
   float v = -INFINITY;
@@ -65,8 +67,7 @@ __global__ void __launch_bounds__(1024) argmax_kernel(const float* __restrict__ 
 void launch_argmax(const Tensor& logits, int32_t* out, int* delta) {
   const int64_t V = logits.dim(-1);
   const float* row = logits.data<float>() + logits.numel() - V;
-  argmax_kernel<<<1, 1024, 0, stream()>>>(row, V, out, delta);
-  MOXIN_LAUNCH_CHECK();
+  launch_pdl(argmax_kernel, 1, 1024, 0, row, V, out, delta);
 }
 
 }  // namespace

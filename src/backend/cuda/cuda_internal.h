@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 
 #include "moxin/dtype.h"
 
@@ -55,6 +56,46 @@ bool capturing();
 const int* position_delta();  // device int, or nullptr outside a recorded step
 void set_position_delta(const int* delta);
 void add_other_bytes(std::ptrdiff_t bytes);
+
+// Programmatic dependent launch (Hopper and later): a kernel launched with launch_pdl may be
+// scheduled while its predecessor in the stream is still running, so its launch and any
+// prologue that reads only constant data (a product's weights, prefetched into L2) overlap the
+// predecessor's tail. Every such kernel must call pdl_wait() before it reads anything a
+// predecessor wrote or writes anything at all; pdl_trigger() lets the next kernel start early.
+// On older GPUs both are no-ops and the attribute is not set. MOXIN_CUDA_PDL=0 turns it off.
+bool pdl_enabled();
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+template <class... KernelArgs, class... Args>
+void launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
+                Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream();
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  // Only for launches from the host: in a recorded decode step the overlap measured slower
+  // (H200: 172.5 vs 177.7 tok/s bf16), while eager decoding gains (165 vs 153 tok/s).
+  config.numAttrs = pdl_enabled() && !capturing() ? 1 : 0;
+  MOXIN_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
 
 inline unsigned blocks_for(int64_t n, int threads, int64_t cap = 65535LL * 8) {
   int64_t b = (n + threads - 1) / threads;

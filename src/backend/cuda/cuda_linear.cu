@@ -5,11 +5,16 @@
 //  - Many rows (prefill, vision, projector): cuBLASLt. Activations are rounded to the weight's
 //    16-bit type (bf16 or f16) and the products accumulate in float32 (F32 weights: plain FP32).
 //    Quantized weights are first expanded to bf16 in pool scratch.
+#include <cstdlib>
+#include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <algorithm>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/cuda_ops.h"
@@ -78,6 +83,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
                   const float* __restrict__ bias, float* __restrict__ y, int64_t N, int64_t K) {
   const int lane = threadIdx.x % 32;
   const int64_t n = int64_t(blockIdx.x) * kGemvWarps + threadIdx.x / 32;
+  // Weights are constant: their first bytes may be fetched before the predecessor finishes.
+  if (kVector && n < N && lane < K / 8) prefetch_l2(reinterpret_cast<const uint4*>(w + n * K) + lane);
+  pdl_wait();
+  pdl_trigger();
   if (n >= N) return;
   float acc[M];
 #pragma unroll
@@ -136,6 +145,7 @@ __device__ __forceinline__ void block_reduce_store(float (&acc)[R][M], int64_t n
       if (lane == 0) partial[warp][r * M + m] = v;
     }
   __syncthreads();
+  static_assert(R * M <= kGemvThreads, "one thread per output of the block");
   if (threadIdx.x < R * M) {
     const int r = threadIdx.x / M, m = threadIdx.x % M;
     const int64_t n = n0 + r;
@@ -148,14 +158,21 @@ __device__ __forceinline__ void block_reduce_store(float (&acc)[R][M], int64_t n
   }
 }
 
-template <int M, class W>
+template <int M, class W, int R>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv16_rows_kernel(const float* __restrict__ x, const W* __restrict__ w,
                        const float* __restrict__ bias, float* __restrict__ y, int64_t N,
                        int64_t K) {
-  constexpr int R = kGemvRowsPerBlock;
   const int64_t n0 = int64_t(blockIdx.x) * R;
   const int64_t chunks = K / 8;
+  // Weights are constant: the first chunk of each row may be fetched before the predecessor
+  // kernel finishes (programmatic dependent launch); activations only after pdl_wait.
+  if (threadIdx.x < chunks)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      if (n0 + r < N) prefetch_l2(reinterpret_cast<const uint4*>(w + (n0 + r) * K) + threadIdx.x);
+  pdl_wait();
+  pdl_trigger();
   float acc[R][M];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -183,32 +200,57 @@ __global__ void __launch_bounds__(kGemvThreads)
   block_reduce_store<M, R>(acc, n0, N, bias, y);
 }
 
-// Code j of a packed word as an exact float: the code's bits OR'd under the exponent of 2^23,
-// then 2^23 subtracted (cheaper than an integer conversion). The group's affine map is applied
-// once per chunk as s * sum(x q) + b * sum(x).
-template <int kBits>
-__device__ __forceinline__ float quant_code(uint32_t word, int j) {
-  uint32_t bits;
-  if constexpr (kBits == 8) {
-    bits = __byte_perm(word, 0x4b000000u, 0x7440 | j);
-  } else {
-    bits = ((word >> (kBits * j)) & ((1u << kBits) - 1u)) | 0x4b000000u;
-  }
-  return __uint_as_float(bits) - 8388608.0f;
+// Code j of a packed word as an exact float: the code's bits placed under the exponent of 2^23
+// by one byte permute, then 2^23 subtracted (cheaper than an integer conversion). For 4-bit
+// words the even and odd nibbles are first split into two words of bytes (two instructions
+// for eight codes). The group's affine map is applied once per chunk as s * sum(x q) + b * sum(x).
+__device__ __forceinline__ float code_from_byte(uint32_t bytes, int j) {
+  return __uint_as_float(__byte_perm(bytes, 0x4b000000u, 0x7440 | j)) - 8388608.0f;
 }
 
-template <int M, int kBits>
+// dot of the codes of one 16-byte chunk with xv (kPerChunk floats).
+template <int kBits>
+__device__ __forceinline__ float chunk_dot(const uint4& raw, const float* xv) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+  float dot = 0.0f;
+  if constexpr (kBits == 8) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) dot = fmaf(xv[i * 4 + j], code_from_byte(words[i], j), dot);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t lo = words[i] & 0x0f0f0f0fu, hi = (words[i] >> 4) & 0x0f0f0f0fu;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        dot = fmaf(xv[i * 8 + 2 * j], code_from_byte(lo, j), dot);
+        dot = fmaf(xv[i * 8 + 2 * j + 1], code_from_byte(hi, j), dot);
+      }
+    }
+  }
+  return dot;
+}
+
+// R output rows per block of kGemvThreads: each thread loads the 16-byte chunk c of all R rows
+// at once (R * 16 bytes in flight per thread), then the chunk's activations once for all of
+// them. R is chosen per launch so that narrow products still give every SM a block.
+template <int M, int kBits, int R>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_quant_rows_kernel(const float* __restrict__ x, const uint32_t* __restrict__ packed,
                            const void* __restrict__ scales, const void* __restrict__ biases,
                            DType param_dtype, int group_size, const float* __restrict__ bias,
                            float* __restrict__ y, int64_t N, int64_t K) {
-  constexpr int R = kGemvRowsPerBlock;
   constexpr int kPerChunk = 128 / kBits;
-  constexpr int kPerWord = 32 / kBits;
   const int64_t n0 = int64_t(blockIdx.x) * R;
   const int64_t chunks = K / kPerChunk, groups = K / group_size;
-  const int64_t row_chunks = K * kBits / 128;
+  if (threadIdx.x < chunks)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      if (n0 + r < N)
+        prefetch_l2(reinterpret_cast<const uint4*>(packed) + (n0 + r) * chunks + threadIdx.x);
+  pdl_wait();
+  pdl_trigger();
   float acc[R][M];
 #pragma unroll
   for (int r = 0; r < R; ++r)
@@ -216,12 +258,16 @@ __global__ void __launch_bounds__(kGemvThreads)
     for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
   for (int64_t c = threadIdx.x; c < chunks; c += kGemvThreads) {
     uint4 raw[R];
-    float s[R], b[R];
     const int64_t g = c * kPerChunk / group_size;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int64_t n = n0 + r < N ? n0 + r : N - 1;  // rows past N compute and are dropped
-      raw[r] = __ldcs(reinterpret_cast<const uint4*>(packed) + n * row_chunks + c);
+      raw[r] = __ldcs(reinterpret_cast<const uint4*>(packed) + n * chunks + c);
+    }
+    float s[R], b[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t n = n0 + r < N ? n0 + r : N - 1;
       s[r] = load_f32(scales, param_dtype, n * groups + g);
       b[r] = load_f32(biases, param_dtype, n * groups + g);
     }
@@ -240,18 +286,38 @@ __global__ void __launch_bounds__(kGemvThreads)
         xs += (a.x + a.y) + (a.z + a.w);
       }
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const uint32_t words[4] = {raw[r].x, raw[r].y, raw[r].z, raw[r].w};
-        float dot = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < kPerWord; ++j) dot += xv[i * kPerWord + j] * quant_code<kBits>(words[i], j);
-        acc[r][m] += s[r] * dot + b[r] * xs;
-      }
+      for (int r = 0; r < R; ++r) acc[r][m] += s[r] * chunk_dot<kBits>(raw[r], xv) + b[r] * xs;
     }
   }
   block_reduce_store<M, R>(acc, n0, N, bias, y);
+}
+
+// Word-wise expansion for 4- and 8-bit codes (a word never straddles a group): one thread per
+// packed word, one 16- or 8-byte store of bf16 per thread.
+template <int kBits>
+__global__ void dequantize_words_bf16_kernel(const uint32_t* __restrict__ packed,
+                                             const void* __restrict__ scales,
+                                             const void* __restrict__ biases, DType param_dtype,
+                                             int group_size, int64_t N, int64_t K,
+                                             __nv_bfloat16* __restrict__ out) {
+  constexpr int kPerWord = 32 / kBits;
+  const int64_t words_per_row = K / kPerWord, total = N * words_per_row, groups = K / group_size;
+  for (int64_t w = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; w < total;
+       w += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = w / words_per_row, k0 = (w - n * words_per_row) * kPerWord;
+    const int64_t g = n * groups + k0 / group_size;
+    const float s = load_f32(scales, param_dtype, g), b = load_f32(biases, param_dtype, g);
+    const uint32_t word = __ldcs(packed + w);
+    __nv_bfloat16 v[kPerWord];
+#pragma unroll
+    for (int j = 0; j < kPerWord; ++j)
+      v[j] = __float2bfloat16(s * float((word >> (kBits * j)) & ((1u << kBits) - 1u)) + b);
+    if constexpr (kBits == 4) {
+      *reinterpret_cast<uint4*>(out + w * kPerWord) = *reinterpret_cast<const uint4*>(v);
+    } else {
+      *reinterpret_cast<uint2*>(out + w * kPerWord) = *reinterpret_cast<const uint2*>(v);
+    }
+  }
 }
 
 // Any supported width: the weight expanded to bf16 [N, K] for cuBLASLt.
@@ -391,6 +457,96 @@ Tensor narrowed(const Tensor& x, DType dtype) {
   return out;
 }
 
+// ------------------------------------------------------------------------------------------
+// Decode-product variants are picked per shape by timing them once (single-row products only,
+// outside a graph recording): which layout streams fastest depends on N, K and the card, and a
+// few microseconds of one-time measurement beat a guess. Every variant computes the same
+// function (only the summation order differs). MOXIN_CUDA_TUNE_LOG=1 prints the choices.
+
+using TuneKey = std::tuple<int64_t, int64_t, int>;  // N, K, weight kind
+
+std::atomic<int> forced_variant{-1};
+
+template <class Launch>
+int tuned_variant(const TuneKey& key, int variants, const Launch& launch) {
+  const int forced = forced_variant.load(std::memory_order_relaxed);
+  if (forced >= 0) return std::min(forced, variants - 1);
+  static std::mutex mutex;
+  static std::map<TuneKey, int> chosen;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = chosen.find(key);
+    if (it != chosen.end()) return it->second;
+  }
+  if (capturing() || variants == 1) return 0;
+  cudaEvent_t begin, end;
+  MOXIN_CUDA_CHECK(cudaEventCreate(&begin));
+  MOXIN_CUDA_CHECK(cudaEventCreate(&end));
+  int best = 0;
+  float best_ms = 0;
+  std::string log;
+  for (int v = 0; v < variants; ++v) {
+    launch(v);  // warm-up
+    float ms = 1e30f;
+    for (int rep = 0; rep < 3; ++rep) {
+      MOXIN_CUDA_CHECK(cudaEventRecord(begin, stream()));
+      for (int i = 0; i < 4; ++i) launch(v);
+      MOXIN_CUDA_CHECK(cudaEventRecord(end, stream()));
+      MOXIN_CUDA_CHECK(cudaEventSynchronize(end));
+      float t = 0;
+      MOXIN_CUDA_CHECK(cudaEventElapsedTime(&t, begin, end));
+      ms = std::min(ms, t / 4);
+    }
+    log += " v" + std::to_string(v) + "=" + std::to_string(int(ms * 1000.0f)) + "us";
+    if (v == 0 || ms < best_ms) {
+      best = v;
+      best_ms = ms;
+    }
+  }
+  cudaEventDestroy(begin);
+  cudaEventDestroy(end);
+  static const bool print = std::getenv("MOXIN_CUDA_TUNE_LOG") != nullptr;
+  if (print)
+    std::fprintf(stderr, "moxin gemv tune N=%lld K=%lld kind=%d:%s -> v%d\n",
+                 (long long)std::get<0>(key), (long long)std::get<1>(key), std::get<2>(key),
+                 log.c_str(), best);
+  std::lock_guard<std::mutex> lock(mutex);
+  chosen[key] = best;
+  return best;
+}
+
+template <int M, class W, int R>
+void launch_gemv16_rows(const float* x, const W* w, const float* bias, float* y, int64_t N,
+                        int64_t K) {
+  launch_pdl(gemv16_rows_kernel<M, W, R>, unsigned((N + R - 1) / R), kGemvThreads, 0, x, w, bias,
+             y, N, K);
+}
+
+template <int M, class W>
+void launch_gemv16_warp(const float* x, const W* w, const float* bias, float* y, int64_t N,
+                        int64_t K) {
+  launch_pdl(gemv16_kernel<M, W, true>, unsigned((N + kGemvWarps - 1) / kGemvWarps),
+             kGemvWarps * 32, 0, x, w, bias, y, N, K);
+}
+
+template <int M, class W>
+void launch_gemv16_vector(const float* x, const W* w, const float* bias, float* y, int64_t N,
+                          int64_t K, int kind) {
+  if constexpr (M == 1) {
+    auto run = [&](int v) {
+      switch (v) {
+        case 0: launch_gemv16_rows<M, W, 4>(x, w, bias, y, N, K); break;
+        case 1: launch_gemv16_rows<M, W, 8>(x, w, bias, y, N, K); break;
+        case 2: launch_gemv16_rows<M, W, 2>(x, w, bias, y, N, K); break;
+        default: launch_gemv16_warp<M, W>(x, w, bias, y, N, K); break;
+      }
+    };
+    run(tuned_variant(TuneKey{N, K, kind}, 4, run));
+  } else {
+    launch_gemv16_rows<M, W, kGemvRowsPerBlock>(x, w, bias, y, N, K);
+  }
+}
+
 template <int M>
 void launch_gemv16(const float* x, const void* w, DType dtype, const float* bias, float* y,
                    int64_t N, int64_t K) {
@@ -398,17 +554,13 @@ void launch_gemv16(const float* x, const void* w, DType dtype, const float* bias
   const bool vector = K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(w) % 16 == 0;
   const int threads = kGemvWarps * 32;
-  const unsigned row_blocks = unsigned((N + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock);
   if (vector && dtype == DType::BF16) {
-    gemv16_rows_kernel<M, __nv_bfloat16><<<row_blocks, kGemvThreads, 0, stream()>>>(
-        x, static_cast<const __nv_bfloat16*>(w), bias, y, N, K);
-    MOXIN_LAUNCH_CHECK();
+    launch_gemv16_vector<M, __nv_bfloat16>(x, static_cast<const __nv_bfloat16*>(w), bias, y, N,
+                                           K, 16);
     return;
   }
   if (vector && dtype == DType::F16) {
-    gemv16_rows_kernel<M, __half><<<row_blocks, kGemvThreads, 0, stream()>>>(
-        x, static_cast<const __half*>(w), bias, y, N, K);
-    MOXIN_LAUNCH_CHECK();
+    launch_gemv16_vector<M, __half>(x, static_cast<const __half*>(w), bias, y, N, K, 17);
     return;
   }
 #define MOXIN_GEMV16(W)                                                                       \
@@ -432,19 +584,47 @@ void launch_gemv16(const float* x, const void* w, DType dtype, const float* bias
   MOXIN_LAUNCH_CHECK();
 }
 
+template <int M, int kBits, int R>
+void launch_gemv_quant_r(const float* x, const QuantizedTensor& q, const float* bias, float* y,
+                         int64_t N, int64_t K) {
+  const unsigned blocks = unsigned((N + R - 1) / R);
+  launch_pdl(gemv_quant_rows_kernel<M, kBits, R>, blocks, kGemvThreads, 0, x,
+             q.weight.data<uint32_t>(), q.scales.raw(), q.biases.raw(), q.scales.dtype(),
+             q.group_size, bias, y, N, K);
+}
+
+// Rows per block: as many as keep at least one block per SM (more rows share each activation
+// load and put more weight bytes in flight per thread); several rows of x keep R small so the
+// per-thread registers stay bounded.
+// Rows per block: more rows share each activation load and put more weight bytes in flight
+// per thread, fewer rows give narrow products a block on every SM; single-row products time
+// the choices once per shape. Several rows of x keep R small so registers stay bounded.
+template <int M, int kBits>
+void launch_gemv_quant_bits(const float* x, const QuantizedTensor& q, const float* bias, float* y,
+                            int64_t N, int64_t K) {
+  if constexpr (M == 1) {
+    auto run = [&](int v) {
+      switch (v) {
+        case 0: launch_gemv_quant_r<M, kBits, 4>(x, q, bias, y, N, K); break;
+        case 1: launch_gemv_quant_r<M, kBits, 8>(x, q, bias, y, N, K); break;
+        case 2: launch_gemv_quant_r<M, kBits, 16>(x, q, bias, y, N, K); break;
+        default: launch_gemv_quant_r<M, kBits, 2>(x, q, bias, y, N, K); break;
+      }
+    };
+    run(tuned_variant(TuneKey{N, K, kBits * 100 + q.group_size}, 4, run));
+  } else {
+    launch_gemv_quant_r<M, kBits, kGemvRowsPerBlock>(x, q, bias, y, N, K);
+  }
+}
+
 template <int M>
 void launch_gemv_quant(const float* x, const QuantizedTensor& q, const float* bias, float* y,
                        int64_t N, int64_t K) {
-  const unsigned blocks = unsigned((N + kGemvRowsPerBlock - 1) / kGemvRowsPerBlock);
-  const auto* packed = q.weight.data<uint32_t>();
   if (q.bits == 4) {
-    gemv_quant_rows_kernel<M, 4><<<blocks, kGemvThreads, 0, stream()>>>(
-        x, packed, q.scales.raw(), q.biases.raw(), q.scales.dtype(), q.group_size, bias, y, N, K);
+    launch_gemv_quant_bits<M, 4>(x, q, bias, y, N, K);
   } else {
-    gemv_quant_rows_kernel<M, 8><<<blocks, kGemvThreads, 0, stream()>>>(
-        x, packed, q.scales.raw(), q.biases.raw(), q.scales.dtype(), q.group_size, bias, y, N, K);
+    launch_gemv_quant_bits<M, 8>(x, q, bias, y, N, K);
   }
-  MOXIN_LAUNCH_CHECK();
 }
 
 template <template <int> class F, class... Args>
@@ -471,7 +651,238 @@ struct GemvQuant {
   static void run(A&&... a) { launch_gemv_quant<M>(a...); }
 };
 
+// ------------------------------------------------------------------------------------------
+// Single-row products that share their input, in one launch (decode): q/k/v as up to three
+// segments of one grid (each block takes R rows of one segment), and the SwiGLU input half as
+// gate and up rows side by side in each block, which then writes silu(gate) * up directly.
+// Same per-row arithmetic as the kernels above; the point is fewer, wider launches.
+
+struct GemvSegment {
+  const void* w = nullptr;       // 16-bit weights [N, K], or packed codes
+  const void* scales = nullptr;  // quantized only
+  const void* biases = nullptr;
+  const float* bias = nullptr;   // [N] or null
+  float* y = nullptr;            // [N]
+  int64_t N = 0;
+  int64_t first_block = 0;
+};
+struct GemvSegments {
+  GemvSegment seg[3];
+  int count = 0;
+  DType param_dtype = DType::BF16;
+  int group_size = 64;
+};
+
+__device__ __forceinline__ int segment_of(const GemvSegments& s) {
+  int i = 0;
+  if (s.count > 1 && blockIdx.x >= s.seg[1].first_block) i = 1;
+  if (s.count > 2 && blockIdx.x >= s.seg[2].first_block) i = 2;
+  return i;
+}
+
+// Sum acc[RT] over the block; thread t < RT gets total t in `out` (shared).
+template <int RT>
+__device__ __forceinline__ void block_reduce_rows(float (&acc)[RT], float* out) {
+  __shared__ float partial[kGemvThreads / 32][RT];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    float v = acc[r];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) partial[warp][r] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < RT) {
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kGemvThreads / 32; ++w) v += partial[w][threadIdx.x];
+    out[threadIdx.x] = v;
+  }
+  __syncthreads();
+}
+
+__device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+// kBits 0: 16-bit weights W; 4 / 8: MLX codes. kGated: segments 0 (gate) and 1 (up) share the
+// block, R rows each, and segment 0's y receives silu(gate) * up.
+template <class W, int kBits, int R, bool kGated>
+__global__ void __launch_bounds__(kGemvThreads)
+    gemv_multi_kernel(const float* __restrict__ x, GemvSegments segs, int64_t K) {
+  constexpr int RT = kGated ? 2 * R : R;
+  constexpr int kPerChunk = kBits ? 128 / kBits : 8;
+  const int si = kGated ? 0 : segment_of(segs);
+  const GemvSegment& s0 = segs.seg[si];
+  const GemvSegment& s1 = segs.seg[kGated ? 1 : si];
+  const int64_t N = s0.N;
+  const int64_t n0 = (int64_t(blockIdx.x) - s0.first_block) * R;
+  const int64_t chunks = K / kPerChunk, groups = kBits ? K / segs.group_size : 1;
+  int64_t row[RT];
+  const void* base[RT];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    const int rr = r % R;
+    row[r] = n0 + rr < N ? n0 + rr : N - 1;  // rows past N compute and are dropped
+    base[r] = (kGated && r >= R) ? s1.w : s0.w;
+  }
+  if (threadIdx.x < chunks)
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+      prefetch_l2(static_cast<const uint4*>(base[r]) + row[r] * chunks + threadIdx.x);
+  pdl_wait();
+  pdl_trigger();
+  float acc[RT];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) acc[r] = 0.0f;
+  for (int64_t c = threadIdx.x; c < chunks; c += kGemvThreads) {
+    uint4 raw[RT];
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+      raw[r] = __ldcs(static_cast<const uint4*>(base[r]) + row[r] * chunks + c);
+    float xv[kPerChunk];
+    const float4* xr = reinterpret_cast<const float4*>(x + c * kPerChunk);
+    float xs = 0.0f;
+#pragma unroll
+    for (int v = 0; v < kPerChunk / 4; ++v) {
+      const float4 a = xr[v];
+      xv[4 * v] = a.x;
+      xv[4 * v + 1] = a.y;
+      xv[4 * v + 2] = a.z;
+      xv[4 * v + 3] = a.w;
+      if constexpr (kBits != 0) xs += (a.x + a.y) + (a.z + a.w);
+    }
+    if constexpr (kBits == 0) {
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        float wv[8];
+        unpack8<W>(raw[r], wv);
+        acc[r] += xv[0] * wv[0] + xv[1] * wv[1] + xv[2] * wv[2] + xv[3] * wv[3] +
+                  xv[4] * wv[4] + xv[5] * wv[5] + xv[6] * wv[6] + xv[7] * wv[7];
+      }
+    } else {
+      const int64_t g = c * kPerChunk / segs.group_size;
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const GemvSegment& sr = (kGated && r >= R) ? s1 : s0;
+        const float sc = load_f32(sr.scales, segs.param_dtype, row[r] * groups + g);
+        const float bi = load_f32(sr.biases, segs.param_dtype, row[r] * groups + g);
+        acc[r] += sc * chunk_dot<kBits>(raw[r], xv) + bi * xs;
+      }
+    }
+  }
+  __shared__ float total[RT];
+  block_reduce_rows<RT>(acc, total);
+  if (threadIdx.x < R) {
+    const int64_t n = n0 + threadIdx.x;
+    if (n < N) {
+      const float a = total[threadIdx.x] + (s0.bias ? s0.bias[n] : 0.0f);
+      if constexpr (kGated) {
+        s0.y[n] = silu_times(a, total[R + threadIdx.x] + (s1.bias ? s1.bias[n] : 0.0f));
+      } else {
+        s0.y[n] = a;
+      }
+    }
+  }
+}
+
+// The layers' common form for a fused launch, or false (mixed dtypes, unaligned, ...).
+bool fusable(const float* x, const std::vector<const Linear*>& layers, int64_t K, int* bits) {
+  const QuantizedTensor* q0 = layers[0]->quantized.get();
+  *bits = q0 ? q0->bits : 0;
+  if (reinterpret_cast<uintptr_t>(x) % 16 != 0) return false;
+  for (const Linear* l : layers) {
+    const QuantizedTensor* q = l->quantized.get();
+    if (bool(q) != bool(q0)) return false;
+    if (l->bias.defined() && (l->bias.device() != Device::CUDA || l->bias.dtype() != DType::F32))
+      return false;
+    if (q) {
+      if (q->bits != q0->bits || q->group_size != q0->group_size || q->in_features() != K ||
+          q->scales.dtype() != q0->scales.dtype() || q->weight.device() != Device::CUDA ||
+          q->scales.device() != Device::CUDA || q->biases.device() != Device::CUDA)
+        return false;
+      if (q->bits != 4 && q->bits != 8) return false;
+    } else {
+      if (l->weight.dtype() != DType::BF16 || l->weight.ndim() != 2 || l->weight.dim(1) != K ||
+          l->weight.device() != Device::CUDA || K % 8 != 0 ||
+          reinterpret_cast<uintptr_t>(l->weight.raw()) % 16 != 0)
+        return false;
+    }
+  }
+  return true;
+}
+
+GemvSegments make_segments(const std::vector<const Linear*>& layers, const std::vector<float*>& ys,
+                           int rows_per_block, bool gated) {
+  GemvSegments s;
+  s.count = int(layers.size());
+  int64_t block = 0;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const Linear& l = *layers[i];
+    GemvSegment& g = s.seg[i];
+    if (l.quantized) {
+      g.w = l.quantized->weight.raw();
+      g.scales = l.quantized->scales.raw();
+      g.biases = l.quantized->biases.raw();
+      g.N = l.quantized->out_features();
+      s.param_dtype = l.quantized->scales.dtype();
+      s.group_size = l.quantized->group_size;
+    } else {
+      g.w = l.weight.raw();
+      g.N = l.weight.dim(0);
+    }
+    g.bias = l.bias.defined() ? l.bias.data<float>() : nullptr;
+    g.y = ys[i];
+    g.first_block = gated ? 0 : block;
+    block += (g.N + rows_per_block - 1) / rows_per_block;
+  }
+  return s;
+}
+
+template <int kBits, int R, bool kGated>
+void launch_multi(const float* x, const std::vector<const Linear*>& layers,
+                  const std::vector<float*>& ys, int64_t K) {
+  const GemvSegments s = make_segments(layers, ys, R, kGated);
+  int64_t blocks = 0;
+  if (kGated) {
+    blocks = (s.seg[0].N + R - 1) / R;
+  } else {
+    for (int i = 0; i < s.count; ++i) blocks += (s.seg[i].N + R - 1) / R;
+  }
+  launch_pdl(gemv_multi_kernel<__nv_bfloat16, kBits, R, kGated>, unsigned(blocks), kGemvThreads,
+             0, x, s, K);
+}
+
+template <int kBits, bool kGated>
+void launch_multi_tuned(const float* x, const std::vector<const Linear*>& layers,
+                        const std::vector<float*>& ys, int64_t K) {
+  int64_t total = 0;
+  for (const Linear* l : layers) total += l->out_features();
+  auto run = [&](int v) {
+    switch (v) {
+      case 0: launch_multi<kBits, 4, kGated>(x, layers, ys, K); break;
+      case 1: launch_multi<kBits, 8, kGated>(x, layers, ys, K); break;
+      default: launch_multi<kBits, 2, kGated>(x, layers, ys, K); break;
+    }
+  };
+  run(tuned_variant(TuneKey{total, K, 1000 * (kGated ? 2 : 1) + kBits}, 3, run));
+}
+
+// Diagnostics: MOXIN_CUDA_QUANT_PATH=gemv|dense forces one product path for quantized layers
+// at every M (default: GEMV for M <= kGemvMaxRows, dequantize + cuBLASLt above), so the two
+// implementations can be compared on a real checkpoint.
+enum class QuantPath { Auto, Gemv, Dense };
+QuantPath quant_path() {
+  static const QuantPath path = [] {
+    const char* v = std::getenv("MOXIN_CUDA_QUANT_PATH");
+    if (v && std::strcmp(v, "gemv") == 0) return QuantPath::Gemv;
+    if (v && std::strcmp(v, "dense") == 0) return QuantPath::Dense;
+    return QuantPath::Auto;
+  }();
+  return path;
+}
+
 }  // namespace
+
+void set_gemv_variant_for_testing(int variant) { forced_variant.store(variant); }
 
 Tensor linear(const Tensor& x, const Linear& layer) {
   if (!x.defined() || x.dtype() != DType::F32 || x.device() != Device::CUDA)
@@ -504,7 +915,9 @@ Tensor linear(const Tensor& x, const Linear& layer) {
     if (q->scales.device() != Device::CUDA || q->biases.device() != Device::CUDA)
       throw_error(ErrorKind::Compute, "linear: quantization parameters are not on the GPU");
     const bool fast_bits = q->bits == 4 || q->bits == 8;
-    if (M <= kGemvMaxRows && fast_bits && reinterpret_cast<uintptr_t>(xp) % 16 == 0) {
+    const QuantPath path = quant_path();
+    const bool use_gemv = path == QuantPath::Gemv || (path == QuantPath::Auto && M <= kGemvMaxRows);
+    if (use_gemv && fast_bits && reinterpret_cast<uintptr_t>(xp) % 16 == 0) {
       for (int64_t m0 = 0; m0 < M; m0 += kGemvMaxRows) {
         const int64_t rows = std::min<int64_t>(kGemvMaxRows, M - m0);
         dispatch_rows<GemvQuant>(rows, xp + m0 * K, *q, bias, yp + m0 * N, N, K);
@@ -514,10 +927,23 @@ Tensor linear(const Tensor& x, const Linear& layer) {
     if (capturing())
       throw_error(ErrorKind::Compute, "linear: this quantized layer cannot run in a decode graph");
     Tensor dense = Tensor::empty({N, K}, DType::BF16, Device::CUDA);
-    dequantize_bf16_kernel<<<blocks_for(N * K, 256), 256, 0, stream()>>>(
-        static_cast<const uint8_t*>(q->weight.raw()), q->scales.raw(), q->biases.raw(),
-        q->scales.dtype(), q->group_size, q->bits, N, K,
-        static_cast<__nv_bfloat16*>(dense.raw_mut()));
+    auto* dense_p = static_cast<__nv_bfloat16*>(dense.raw_mut());
+    if (fast_bits) {
+      const int64_t words = N * K * q->bits / 32;
+      if (q->bits == 4) {
+        dequantize_words_bf16_kernel<4><<<blocks_for(words, 256), 256, 0, stream()>>>(
+            q->weight.data<uint32_t>(), q->scales.raw(), q->biases.raw(), q->scales.dtype(),
+            q->group_size, N, K, dense_p);
+      } else {
+        dequantize_words_bf16_kernel<8><<<blocks_for(words, 256), 256, 0, stream()>>>(
+            q->weight.data<uint32_t>(), q->scales.raw(), q->biases.raw(), q->scales.dtype(),
+            q->group_size, N, K, dense_p);
+      }
+    } else {
+      dequantize_bf16_kernel<<<blocks_for(N * K, 256), 256, 0, stream()>>>(
+          static_cast<const uint8_t*>(q->weight.raw()), q->scales.raw(), q->biases.raw(),
+          q->scales.dtype(), q->group_size, q->bits, N, K, dense_p);
+    }
     MOXIN_LAUNCH_CHECK();
     const Tensor xb = narrowed<__nv_bfloat16>(x, DType::BF16);
     gemm(dense.raw(), xb.raw(), CUDA_R_16BF, M, N, K, bias, yp);
@@ -542,6 +968,67 @@ Tensor linear(const Tensor& x, const Linear& layer) {
   } else {
     const Tensor xh = narrowed<__half>(x, DType::F16);
     gemm(layer.weight.raw(), xh.raw(), CUDA_R_16F, M, N, K, bias, yp);
+  }
+  return y;
+}
+
+std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const Linear*>& layers) {
+  if (layers.empty() || layers.size() > 3 || !x.defined() || x.dtype() != DType::F32 ||
+      x.device() != Device::CUDA || x.ndim() == 0 || x.numel() != x.dim(-1)) {
+    std::vector<Tensor> out;
+    for (const Linear* l : layers) out.push_back(linear(x, *l));
+    return out;
+  }
+  const int64_t K = x.dim(-1);
+  int bits = 0;
+  if (!fusable(x.data<float>(), layers, K, &bits)) {
+    std::vector<Tensor> out;
+    for (const Linear* l : layers) out.push_back(linear(x, *l));
+    return out;
+  }
+  std::vector<Tensor> out;
+  std::vector<float*> ys;
+  for (const Linear* l : layers) {
+    if (l->in_features() != K)
+      throw_error(ErrorKind::Compute, "linear: input " + shape_to_string(x.shape()) +
+                                          " does not end in " + std::to_string(l->in_features()));
+    Shape shape = x.shape();
+    shape.back() = l->out_features();
+    out.push_back(Tensor::empty(shape, DType::F32, Device::CUDA));
+    ys.push_back(out.back().data_mut<float>());
+  }
+  if (bits == 4) {
+    launch_multi_tuned<4, false>(x.data<float>(), layers, ys, K);
+  } else if (bits == 8) {
+    launch_multi_tuned<8, false>(x.data<float>(), layers, ys, K);
+  } else {
+    launch_multi_tuned<0, false>(x.data<float>(), layers, ys, K);
+  }
+  return out;
+}
+
+Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up) {
+  const std::vector<const Linear*> layers = {&gate, &up};
+  int bits = 0;
+  const bool single_row = x.defined() && x.dtype() == DType::F32 &&
+                          x.device() == Device::CUDA && x.ndim() > 0 && x.numel() == x.dim(-1);
+  if (!single_row || gate.out_features() != up.out_features() ||
+      !fusable(x.data<float>(), layers, x.dim(-1), &bits))
+    return silu_mul(linear(x, gate), linear(x, up));
+  const int64_t K = x.dim(-1);
+  if (gate.in_features() != K || up.in_features() != K)
+    throw_error(ErrorKind::Compute, "swiglu: input " + shape_to_string(x.shape()) +
+                                        " does not end in " + std::to_string(gate.in_features()));
+  Shape shape = x.shape();
+  shape.back() = gate.out_features();
+  Tensor y = Tensor::empty(shape, DType::F32, Device::CUDA);
+  const std::vector<float*> ys = {y.data_mut<float>(), nullptr};
+  if (bits == 4) {
+    launch_multi_tuned<4, true>(x.data<float>(), layers, ys, K);
+  } else if (bits == 8) {
+    launch_multi_tuned<8, true>(x.data<float>(), layers, ys, K);
+  } else {
+    launch_multi_tuned<0, true>(x.data<float>(), layers, ys, K);
   }
   return y;
 }

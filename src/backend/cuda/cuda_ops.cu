@@ -1,6 +1,8 @@
 // The ops of src/ops/ops.h on the GPU, except linear (cuda_linear.cu): element-wise work,
 // norms, rotary embedding, shape plumbing and attention. Float32 activations throughout.
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -47,6 +49,8 @@ __device__ float block_sum(float v, float* scratch) {
 
 __global__ void rms_norm_kernel(const float* __restrict__ x, const float* __restrict__ w,
                                 float eps, int64_t D, float* __restrict__ y) {
+  pdl_wait();
+  pdl_trigger();
   __shared__ float scratch[32];
   const float* xr = x + blockIdx.x * D;
   float* yr = y + blockIdx.x * D;
@@ -86,6 +90,8 @@ __global__ void gelu_kernel(float* x, int64_t n) {
 
 __global__ void silu_mul_kernel(const float* __restrict__ g, const float* __restrict__ u,
                                 float* __restrict__ out, int64_t n) {
+  pdl_wait();
+  pdl_trigger();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
     out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
@@ -94,6 +100,8 @@ __global__ void silu_mul_kernel(const float* __restrict__ g, const float* __rest
 // x[i] += y[i % ny]: y of x's shape, or a trailing part repeated.
 __global__ void add_kernel(float* __restrict__ x, const float* __restrict__ y, int64_t n,
                            int64_t ny) {
+  pdl_wait();
+  pdl_trigger();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
     x[i] += y[ny == n ? i : i % ny];
@@ -117,6 +125,8 @@ __global__ void widen_kernel(const void* __restrict__ src, DType dtype, int64_t 
 template <class Id>
 __global__ void embedding_kernel(const Id* __restrict__ ids, const void* __restrict__ table,
                                  DType dtype, int64_t vocab, int64_t D, float* __restrict__ out) {
+  pdl_wait();
+  pdl_trigger();
   int64_t id = int64_t(ids[blockIdx.x]);
   id = id < 0 ? 0 : (id >= vocab ? vocab - 1 : id);  // never read outside the table
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
@@ -127,6 +137,8 @@ __global__ void embedding_kernel(const Id* __restrict__ ids, const void* __restr
 __global__ void copy_rows_kernel(const float* __restrict__ src, int64_t src_stride,
                                  float* __restrict__ dst, int64_t dst_stride, int64_t rows,
                                  int64_t row_len, const int* delta, int64_t delta_stride) {
+  pdl_wait();
+  pdl_trigger();
   const int64_t shift = int64_t(delta_of(delta)) * delta_stride;
   const int64_t n = rows * row_len;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
@@ -139,8 +151,8 @@ __global__ void copy_rows_kernel(const float* __restrict__ src, int64_t src_stri
 void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows,
                int64_t row_len, const int* delta = nullptr, int64_t delta_stride = 0) {
   if (rows * row_len == 0) return;
-  copy_rows_kernel<<<blocks_for(rows * row_len, kThreads), kThreads, 0, stream()>>>(
-      src, src_stride, dst, dst_stride, rows, row_len, delta, delta_stride);
+  launch_pdl(copy_rows_kernel, blocks_for(rows * row_len, kThreads), kThreads, 0, src,
+             src_stride, dst, dst_stride, rows, row_len, delta, delta_stride);
   MOXIN_LAUNCH_CHECK();
 }
 
@@ -174,6 +186,8 @@ __global__ void patchify_kernel(const float* __restrict__ images, int64_t B, int
 // Rotate-half RoPE on x [B, L, H, Dh] at positions offset (+ delta) + l.
 __global__ void rope_kernel(float* x, int64_t B, int64_t L, int64_t H, int64_t Dh, int64_t offset,
                             const int* delta, const float* __restrict__ inv_freqs) {
+  pdl_wait();
+  pdl_trigger();
   const int64_t half = Dh / 2, n = B * L * H * half;
   const int64_t base = offset + delta_of(delta);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
@@ -248,7 +262,10 @@ __global__ void __launch_bounds__(128) flash_attention_kernel(AttnArgs a) {
   }
   const float* kbase = a.k + b * a.kv_batch + g * a.kv_head;
   const float* vbase = a.v + b * a.kv_batch + g * a.kv_head;
-  const int width = chunks * kFlashParts;
+  // Every column the score and value loops touch (kChunks * kFlashParts of them, up to 128) is
+  // written each tile, zeros past Dh: with Dh = 72 (SigLIP) the loops run to column 95, and
+  // uninitialised shared memory there (0 * NaN) made whole rows NaN.
+  const int width = kChunks * kFlashParts;
 
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kFlashKeys) {
     __syncthreads();
@@ -304,8 +321,19 @@ __global__ void __launch_bounds__(128) flash_attention_kernel(AttnArgs a) {
 // Decode attention: one query row per (head, batch) over the whole history. 8 warps split the
 // keys; each lane owns every 32nd element of the head; the warps' partial softmaxes are merged
 // through shared memory at the end.
+//
+// Split (flash-decoding): with kSplit, block z takes only the keys [z * kSplitKeys,
+// (z + 1) * kSplitKeys) of the history and writes its partial softmax (max, sum, weighted values)
+// to `partials` [B, Hq, splits, Dh + 2]; decode_attention_combine_kernel merges them. The split
+// count follows the cache's capacity (fixed when a step is recorded), blocks past the current
+// length write an empty partial, so long histories get splits * Hq blocks instead of Hq.
 constexpr int kDecodeWarps = 8;
-__global__ void __launch_bounds__(kDecodeWarps * 32) decode_attention_kernel(AttnArgs a) {
+constexpr int kSplitKeys = 64;
+template <bool kSplit>
+__global__ void __launch_bounds__(kDecodeWarps * 32)
+    decode_attention_kernel(AttnArgs a, float* __restrict__ partials) {
+  pdl_wait();
+  pdl_trigger();
   __shared__ float part_acc[kDecodeWarps][kFlashMaxDh];
   __shared__ float part_m[kDecodeWarps], part_l[kDecodeWarps];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -327,6 +355,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_attention_kernel(Att
   if (a.causal) {
     end = min(Lk, pos + 1);
     if (a.window > 0) begin = max(int64_t(0), pos - a.window + 1);
+  }
+  if constexpr (kSplit) {
+    begin = max(begin, int64_t(blockIdx.z) * kSplitKeys);
+    end = min(end, int64_t(blockIdx.z + 1) * kSplitKeys);
   }
   const float* kbase = a.k + b * a.kv_batch + g * a.kv_head;
   const float* vbase = a.v + b * a.kv_batch + g * a.kv_head;
@@ -363,6 +395,25 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_attention_kernel(Att
   __syncthreads();
   float m_all = -INFINITY;
   for (int w = 0; w < kDecodeWarps; ++w) m_all = fmaxf(m_all, part_m[w]);
+  if constexpr (kSplit) {
+    float* part = partials + ((b * a.Hq + h) * gridDim.z + blockIdx.z) * (Dh + 2);
+    for (int d = threadIdx.x; d < Dh + 1; d += blockDim.x) {
+      float num = 0.0f, den = 0.0f;
+      for (int w = 0; w < kDecodeWarps; ++w) {
+        if (part_m[w] == -INFINITY) continue;
+        const float f = exp2f(part_m[w] - m_all);
+        num += d < Dh ? part_acc[w][d] * f : 0.0f;
+        den += part_l[w] * f;
+      }
+      if (d < Dh) {
+        part[2 + d] = num;
+      } else {
+        part[0] = m_all;
+        part[1] = den;
+      }
+    }
+    return;
+  }
   float* orow = a.out + b * a.out_batch + h * Dh;
   for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
     float num = 0.0f, den = 0.0f;
@@ -374,6 +425,38 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_attention_kernel(Att
     }
     orow[d] = den > 0.0f ? num / den : 0.0f;
   }
+}
+
+// Merges the split partials of one (head, batch) row: softmax-weighted sum of the splits.
+__global__ void decode_attention_combine_kernel(const float* __restrict__ partials, int splits,
+                                                AttnArgs a) {
+  pdl_wait();
+  pdl_trigger();
+  const int64_t h = blockIdx.x, b = blockIdx.y;
+  const int Dh = int(a.Dh);
+  const float* rows = partials + (b * a.Hq + h) * splits * (Dh + 2);
+  float m_all = -INFINITY;
+  for (int z = 0; z < splits; ++z) m_all = fmaxf(m_all, rows[z * (Dh + 2)]);
+  float* orow = a.out + b * a.out_batch + h * Dh;
+  for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
+    float num = 0.0f, den = 0.0f;
+    for (int z = 0; z < splits; ++z) {
+      const float* r = rows + z * (Dh + 2);
+      if (r[0] == -INFINITY) continue;
+      const float f = exp2f(r[0] - m_all);
+      num += r[2 + d] * f;
+      den += r[1] * f;
+    }
+    orow[d] = den > 0.0f ? num / den : 0.0f;
+  }
+}
+
+bool split_decode_attention() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOXIN_CUDA_SPLIT_ATTENTION");
+    return !(v && v[0] == '0');
+  }();
+  return on;
 }
 
 // inv_freq = 1 / theta^(2f / Dh), computed on the host exactly as the CPU path does (glibc's
@@ -396,7 +479,9 @@ const float* inv_freq_table(int64_t Dh, float theta) {
   return it->second.data<float>();
 }
 
-void launch_attention(const AttnArgs& a, int64_t B) {
+// `key_capacity`: the most keys a recorded step may ever see (the cache's capacity), which
+// fixes the split count of decode attention.
+void launch_attention(const AttnArgs& a, int64_t B, int64_t key_capacity = 0) {
   if (a.Dh > kFlashMaxDh || a.Dh < 1)
     throw_error(ErrorKind::Compute, "attention: head dim " + std::to_string(a.Dh) +
                                         " unsupported on CUDA (at most 128)");
@@ -404,8 +489,19 @@ void launch_attention(const AttnArgs& a, int64_t B) {
     throw_error(ErrorKind::Compute, "attention: query heads not a multiple of KV heads");
   if (a.Lq == 0 || B == 0) return;
   if (a.Lq == 1 && a.causal) {
-    decode_attention_kernel<<<dim3(unsigned(a.Hq), unsigned(B)), kDecodeWarps * 32, 0,
-                              stream()>>>(a);
+    const int64_t splits = (std::max(key_capacity, a.Lk) + kSplitKeys - 1) / kSplitKeys;
+    if (splits > 1 && split_decode_attention()) {
+      Tensor partials =
+          Tensor::empty({B, a.Hq, splits, a.Dh + 2}, DType::F32, Device::CUDA);
+      launch_pdl(decode_attention_kernel<true>,
+                 dim3(unsigned(a.Hq), unsigned(B), unsigned(splits)), kDecodeWarps * 32, 0, a,
+                 partials.data_mut<float>());
+      launch_pdl(decode_attention_combine_kernel, dim3(unsigned(a.Hq), unsigned(B)), 128, 0,
+                 static_cast<const float*>(partials.data<float>()), int(splits), a);
+    } else {
+      launch_pdl(decode_attention_kernel<false>, dim3(unsigned(a.Hq), unsigned(B)),
+                 kDecodeWarps * 32, 0, a, static_cast<float*>(nullptr));
+    }
   } else {
     if (a.delta) throw_error(ErrorKind::Compute, "a recorded decode step takes one token");
     const dim3 grid(unsigned((a.Lq + kFlashRows - 1) / kFlashRows), unsigned(a.Hq), unsigned(B));
@@ -466,8 +562,8 @@ Tensor rms_norm(const Tensor& x, const RMSNorm& norm) {
   Tensor y = Tensor::empty(x.shape(), DType::F32, Device::CUDA);
   const int64_t rows = x.numel() / D;
   if (rows == 0) return y;
-  rms_norm_kernel<<<unsigned(rows), kThreads, 0, stream()>>>(
-      x.data<float>(), norm.weight.data<float>(), norm.eps, D, y.data_mut<float>());
+  launch_pdl(rms_norm_kernel, unsigned(rows), kThreads, 0, x.data<float>(),
+             norm.weight.data<float>(), norm.eps, D, y.data_mut<float>());
   MOXIN_LAUNCH_CHECK();
   return y;
 }
@@ -486,8 +582,8 @@ Tensor silu_mul(const Tensor& gate, const Tensor& up) {
   if (gate.shape() != up.shape()) throw_error(ErrorKind::Compute, "silu_mul: shape mismatch");
   Tensor out = Tensor::empty(gate.shape(), DType::F32, Device::CUDA);
   if (gate.numel() == 0) return out;
-  silu_mul_kernel<<<blocks_for(gate.numel(), kThreads), kThreads, 0, stream()>>>(
-      gate.data<float>(), up.data<float>(), out.data_mut<float>(), gate.numel());
+  launch_pdl(silu_mul_kernel, blocks_for(gate.numel(), kThreads), kThreads, 0, gate.data<float>(),
+             up.data<float>(), out.data_mut<float>(), gate.numel());
   MOXIN_LAUNCH_CHECK();
   return out;
 }
@@ -498,8 +594,8 @@ void add_inplace(Tensor& x, const Tensor& y) {
   if (y.numel() == 0 || x.numel() % y.numel() != 0)
     throw_error(ErrorKind::Compute, "add: " + shape_to_string(x.shape()) + " vs " +
                                         shape_to_string(y.shape()));
-  add_kernel<<<blocks_for(x.numel(), kThreads), kThreads, 0, stream()>>>(
-      x.data_mut<float>(), y.data<float>(), x.numel(), y.numel());
+  launch_pdl(add_kernel, blocks_for(x.numel(), kThreads), kThreads, 0, x.data_mut<float>(),
+             y.data<float>(), x.numel(), y.numel());
   MOXIN_LAUNCH_CHECK();
 }
 
@@ -541,11 +637,11 @@ Tensor embedding(const Tensor& ids, const Tensor& table) {
   const Tensor dev = ids.to_device(Device::CUDA);
   if (n > 2147483647) throw_error(ErrorKind::Request, "too many token ids");
   if (ids.dtype() == DType::I64) {
-    embedding_kernel<int64_t><<<unsigned(n), kThreads, 0, stream()>>>(
-        dev.data<int64_t>(), table.raw(), table.dtype(), vocab, D, out.data_mut<float>());
+    launch_pdl(embedding_kernel<int64_t>, unsigned(n), kThreads, 0, dev.data<int64_t>(),
+               table.raw(), table.dtype(), vocab, D, out.data_mut<float>());
   } else {
-    embedding_kernel<int32_t><<<unsigned(n), kThreads, 0, stream()>>>(
-        dev.data<int32_t>(), table.raw(), table.dtype(), vocab, D, out.data_mut<float>());
+    launch_pdl(embedding_kernel<int32_t>, unsigned(n), kThreads, 0, dev.data<int32_t>(),
+               table.raw(), table.dtype(), vocab, D, out.data_mut<float>());
   }
   MOXIN_LAUNCH_CHECK();
   return out;
@@ -613,7 +709,7 @@ Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, i
   a.window = window;
   a.scale = 1.0f / std::sqrt(float(Dh));
   a.delta = position_delta();
-  launch_attention(a, B);
+  launch_attention(a, B, capacity);
   return out;
 }
 
@@ -625,8 +721,8 @@ void rope_inplace(Tensor& x, int64_t offset, float theta) {
   const int64_t B = x.dim(0), L = x.dim(1), H = x.dim(2), Dh = x.dim(3);
   const int64_t n = B * L * H * (Dh / 2);
   if (n == 0) return;
-  rope_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream()>>>(
-      x.data_mut<float>(), B, L, H, Dh, offset, position_delta(), inv_freq_table(Dh, theta));
+  launch_pdl(rope_kernel, blocks_for(n, kThreads), kThreads, 0, x.data_mut<float>(), B, L, H, Dh,
+             offset, position_delta(), inv_freq_table(Dh, theta));
   MOXIN_LAUNCH_CHECK();
 }
 
@@ -634,6 +730,9 @@ Tensor heads_first(const Tensor& x) {
   require_f32_cuda(x, "heads_first");
   if (x.ndim() != 4) throw_error(ErrorKind::Compute, "heads_first: expected [B, L, H, Dh]");
   const int64_t B = x.dim(0), L = x.dim(1), H = x.dim(2), Dh = x.dim(3);
+  // One position: [B, 1, H, Dh] and [B, H, 1, Dh] are the same bytes, so no copy (a decode
+  // step saves two launches per layer). The result shares x's storage; callers only read it.
+  if (L == 1) return x.reshape({B, H, L, Dh});
   Tensor out = Tensor::empty({B, H, L, Dh}, DType::F32, Device::CUDA);
   if (x.numel() == 0) return out;
   heads_first_kernel<<<blocks_for(x.numel(), kThreads), kThreads, 0, stream()>>>(

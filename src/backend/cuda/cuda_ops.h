@@ -11,6 +11,8 @@
 namespace moxin::cuda {
 
 Tensor linear(const Tensor& x, const Linear& layer);
+std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const Linear*>& layers);
+Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up);
 Tensor layer_norm(const Tensor& x, const LayerNorm& norm);
 Tensor rms_norm(const Tensor& x, const RMSNorm& norm);
 void gelu_inplace(Tensor& x);
@@ -28,5 +30,9 @@ Tensor repeat_batch(const Tensor& x, int64_t batch);
 Tensor patchify(const Tensor& images, int64_t patch);
 void write_positions(Tensor& dst, const Tensor& src, int64_t at);
 Tensor to_f32(const Tensor& t);
+
+// Single-row products pick their kernel variant by timing once per shape; tests force each
+// variant in turn (0..3) and restore tuning with -1.
+void set_gemv_variant_for_testing(int variant);
 
 }  // namespace moxin::cuda

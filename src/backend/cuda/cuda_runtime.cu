@@ -3,6 +3,7 @@
 #include <atomic>
 #include <vector>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 
@@ -105,6 +106,13 @@ std::string describe() {
 
 cudaStream_t stream() { return runtime().stream_; }
 const cudaDeviceProp& properties() { return runtime().props_; }
+bool pdl_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("MOXIN_CUDA_PDL");
+    return properties().major >= 9 && !(v && v[0] == '0');
+  }();
+  return enabled;
+}
 cublasLtHandle_t cublaslt() { return runtime().lt_; }
 void* cublaslt_workspace(size_t* bytes) {
   *bytes = runtime().workspace_bytes_;
