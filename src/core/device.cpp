@@ -21,10 +21,12 @@ std::shared_ptr<void> allocate_host(size_t bytes) {
   return std::shared_ptr<void>(p, std::free);
 }
 
+#if !MOXIN_WITH_CUDA
 [[noreturn]] void no_cuda() {
   throw_error(ErrorKind::Compute, "this build of moxin-vlm has no CUDA support (rebuild with "
                                   "the CUDA toolkit present and -DMOXIN_CUDA=ON)");
 }
+#endif
 
 }  // namespace
 
