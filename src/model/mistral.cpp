@@ -86,7 +86,7 @@ Tensor MoxinVLM::forward_embeddings(const Tensor& embeddings, KVCacheList& cache
                                         " positions exceeds the model's maximum of " +
                                         std::to_string(tc.max_position_embeddings));
 
-  Tensor x = embeddings;
+  Tensor x = embeddings.clone();  // layers add their residuals in place; the caller's input stays
   for (size_t i = 0; i < layers.size(); ++i) x = decoder_layer_forward(layers[i], x, *cache[i], tc);
 
   const int64_t keep = last_n < 0 || last_n > L ? L : last_n;
