@@ -136,6 +136,28 @@ struct BenchOptions {
   bool json = true;
 };
 
+struct BenchInputs {
+  PreprocessedImage pixels;
+  Tensor ids;  // [1, prompt_tokens] I32: BOS, then fixed ids spread over the vocabulary
+};
+
+BenchInputs bench_inputs(const MoxinVLM& model, const BenchOptions& o) {
+  const int64_t size = model.config.image_sizes[0];
+  Image image;
+  if (!o.image.empty()) {
+    image = load_image(o.image);
+  } else {  // content does not change the cost: a gradient stands in for a photo
+    image.width = image.height = int(size);
+    image.rgb.resize(size_t(size * size * 3));
+    for (size_t i = 0; i < image.rgb.size(); ++i) image.rgb[i] = uint8_t(i * 7 % 251);
+  }
+  Tensor ids = Tensor::empty({1, o.prompt_tokens}, DType::I32);
+  const int64_t vocab = std::min<int64_t>(model.config.text_config.vocab_size, 32000);
+  for (int i = 0; i < o.prompt_tokens; ++i)
+    ids.data_mut<int32_t>()[i] = i == 0 ? 1 : int32_t((i * 7919) % vocab);
+  return {preprocess_image(image, size), ids};
+}
+
 #if MOXIN_WITH_CUDA
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -164,21 +186,8 @@ int run_bench_cuda(const BenchOptions& o) {
   const double weights_gb = double(cuda::memory_stats().pool_used_peak) / 1e9;
   report["weights_on_gpu_gb"] = weights_gb;
 
-  const int64_t size = model.config.image_sizes[0];
-  Image image;
-  if (!o.image.empty()) {
-    image = load_image(o.image);
-  } else {
-    image.width = image.height = int(size);
-    image.rgb.resize(size_t(size * size * 3));
-    for (size_t i = 0; i < image.rgb.size(); ++i) image.rgb[i] = uint8_t(i * 7 % 251);
-  }
-  const PreprocessedImage pixels = preprocess_image(image, size);
+  const auto [pixels, ids] = bench_inputs(model, o);
   // The preprocessed image is uploaded once; TTFT below includes the upload.
-  Tensor ids = Tensor::empty({1, o.prompt_tokens}, DType::I32);
-  const int64_t vocab = model.config.text_config.vocab_size;
-  for (int i = 0; i < o.prompt_tokens; ++i)
-    ids.data_mut<int32_t>()[i] = i == 0 ? 1 : int32_t((i * 7919) % std::min<int64_t>(vocab, 32000));
 
   const int repeats = 7;
   std::vector<double> vision, ttft, prefill;
@@ -286,20 +295,7 @@ int run_bench(const BenchOptions& o) {
   report["device"] = o.model.device;
   report["load_s"] = seconds_since(start);
 
-  const int64_t size = model.config.image_sizes[0];
-  Image image;
-  if (!o.image.empty()) {
-    image = load_image(o.image);
-  } else {  // content does not change the cost: a gradient stands in for a photo
-    image.width = image.height = int(size);
-    image.rgb.resize(size_t(size * size * 3));
-    for (size_t i = 0; i < image.rgb.size(); ++i) image.rgb[i] = uint8_t(i * 7 % 251);
-  }
-  const PreprocessedImage pixels = preprocess_image(image, size);
-  Tensor ids = Tensor::empty({1, o.prompt_tokens}, DType::I32);
-  const int64_t vocab = model.config.text_config.vocab_size;
-  for (int i = 0; i < o.prompt_tokens; ++i)
-    ids.data_mut<int32_t>()[i] = i == 0 ? 1 : int32_t((i * 7919) % std::min<int64_t>(vocab, 32000));
+  const auto [pixels, ids] = bench_inputs(model, o);
 
   // Warm-up: the image encode and one decoder step page every memory-mapped weight in (a
   // decode step reads each matrix once) at a fraction of a prefill's arithmetic. Reported, not
