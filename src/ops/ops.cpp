@@ -239,6 +239,21 @@ int normalize_axis(int axis, int ndim, const char* op) {
   return a;
 }
 
+// Row copies on whichever device holds the tensors: the one primitive the shape plumbing
+// below needs from a backend, so concat/slice/repeat_batch exist once.
+void copy_rows(Device device, const float* src, int64_t src_stride, float* dst,
+               int64_t dst_stride, int64_t rows, int64_t row_len) {
+  if (device == Device::CUDA) {
+#if MOXIN_WITH_CUDA
+    cuda::copy_rows(src, src_stride, dst, dst_stride, rows, row_len);
+#else
+    device::require(Device::CUDA);
+#endif
+    return;
+  }
+  cpu::copy_rows(src, src_stride, dst, dst_stride, rows, row_len);
+}
+
 // Elements before and after `axis`: a contiguous tensor is outer x dim(axis) x inner.
 std::pair<int64_t, int64_t> outer_inner(const Shape& shape, int axis) {
   int64_t outer = 1, inner = 1;
@@ -251,33 +266,32 @@ std::pair<int64_t, int64_t> outer_inner(const Shape& shape, int axis) {
 
 Tensor concat(const std::vector<Tensor>& parts, int axis) {
   if (parts.empty()) throw_error(ErrorKind::Compute, "concat of nothing");
-  DISPATCH_CUDA(parts[0], concat(parts, axis));
+  const Device device = parts[0].device();
   const int a = normalize_axis(axis, parts[0].ndim(), "concat");
   Shape shape = parts[0].shape();
   shape[size_t(a)] = 0;
   for (const Tensor& p : parts) {
     require_f32(p, "concat");
-    bool fits = p.ndim() == parts[0].ndim();
+    bool fits = p.ndim() == parts[0].ndim() && p.device() == device;
     for (int i = 0; fits && i < p.ndim(); ++i) fits = i == a || p.dim(i) == shape[size_t(i)];
     if (!fits)
       throw_error(ErrorKind::Compute, "concat: " + shape_to_string(p.shape()) + " does not fit " +
                                           shape_to_string(parts[0].shape()));
     shape[size_t(a)] += p.dim(a);
   }
-  Tensor out = Tensor::empty(shape);
+  Tensor out = Tensor::empty(shape, DType::F32, device);
   const auto [outer, inner] = outer_inner(shape, a);
   const int64_t out_row = shape[size_t(a)] * inner;
   int64_t at = 0;
   for (const Tensor& p : parts) {
     const int64_t row = p.dim(a) * inner;
-    cpu::copy_rows(p.data<float>(), row, out.data_mut<float>() + at, out_row, outer, row);
+    copy_rows(device, p.data<float>(), row, out.data_mut<float>() + at, out_row, outer, row);
     at += row;
   }
   return out;
 }
 
 Tensor slice(const Tensor& x, int axis, int64_t begin, int64_t end) {
-  DISPATCH_CUDA(x, slice(x, axis, begin, end));
   require_f32(x, "slice");
   const int a = normalize_axis(axis, x.ndim(), "slice");
   if (begin < 0 || end > x.dim(a) || begin > end)
@@ -285,21 +299,21 @@ Tensor slice(const Tensor& x, int axis, int64_t begin, int64_t end) {
                                         ") of " + shape_to_string(x.shape()));
   Shape shape = x.shape();
   shape[size_t(a)] = end - begin;
-  Tensor out = Tensor::empty(shape);
+  Tensor out = Tensor::empty(shape, DType::F32, x.device());
   const auto [outer, inner] = outer_inner(x.shape(), a);
-  cpu::copy_rows(x.data<float>() + begin * inner, x.dim(a) * inner, out.data_mut<float>(),
-                 (end - begin) * inner, outer, (end - begin) * inner);
+  copy_rows(x.device(), x.data<float>() + begin * inner, x.dim(a) * inner,
+            out.data_mut<float>(), (end - begin) * inner, outer, (end - begin) * inner);
   return out;
 }
 
 Tensor repeat_batch(const Tensor& x, int64_t batch) {
-  DISPATCH_CUDA(x, repeat_batch(x, batch));
   require_f32(x, "repeat_batch");
   if (x.ndim() == 0 || x.dim(0) != 1) throw_error(ErrorKind::Compute, "repeat_batch needs [1, ...]");
+  if (batch < 0) throw_error(ErrorKind::Compute, "repeat_batch: negative batch");
   Shape shape = x.shape();
   shape[0] = batch;
-  Tensor out = Tensor::empty(shape);
-  cpu::copy_rows(x.data<float>(), 0, out.data_mut<float>(), x.numel(), batch, x.numel());
+  Tensor out = Tensor::empty(shape, DType::F32, x.device());
+  copy_rows(x.device(), x.data<float>(), 0, out.data_mut<float>(), x.numel(), batch, x.numel());
   return out;
 }
 

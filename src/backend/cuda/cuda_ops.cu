@@ -148,13 +148,17 @@ __global__ void copy_rows_kernel(const float* __restrict__ src, int64_t src_stri
   }
 }
 
+}  // namespace
+
 void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows,
-               int64_t row_len, const int* delta = nullptr, int64_t delta_stride = 0) {
+               int64_t row_len, const int* delta, int64_t delta_stride) {
   if (rows * row_len == 0) return;
   launch_pdl(copy_rows_kernel, blocks_for(rows * row_len, kThreads), kThreads, 0, src,
              src_stride, dst, dst_stride, rows, row_len, delta, delta_stride);
   MOXIN_LAUNCH_CHECK();
 }
+
+namespace {
 
 // [B, L, H, Dh] -> [B, H, L, Dh]
 __global__ void heads_first_kernel(const float* __restrict__ x, float* __restrict__ out,
@@ -519,19 +523,6 @@ void launch_attention(const AttnArgs& a, int64_t B, int64_t key_capacity = 0) {
   MOXIN_LAUNCH_CHECK();
 }
 
-int normalize_axis(int axis, int ndim, const char* op) {
-  const int a = axis < 0 ? axis + ndim : axis;
-  if (a < 0 || a >= ndim) throw_error(ErrorKind::Compute, std::string(op) + ": axis out of range");
-  return a;
-}
-
-std::pair<int64_t, int64_t> outer_inner(const Shape& shape, int axis) {
-  int64_t outer = 1, inner = 1;
-  for (int i = 0; i < axis; ++i) outer *= shape[size_t(i)];
-  for (size_t i = size_t(axis) + 1; i < shape.size(); ++i) inner *= shape[i];
-  return {outer, inner};
-}
-
 }  // namespace
 
 // --------------------------------------------------------------------------------------------
@@ -738,58 +729,6 @@ Tensor heads_first(const Tensor& x) {
   heads_first_kernel<<<blocks_for(x.numel(), kThreads), kThreads, 0, stream()>>>(
       x.data<float>(), out.data_mut<float>(), B, L, H, Dh);
   MOXIN_LAUNCH_CHECK();
-  return out;
-}
-
-Tensor concat(const std::vector<Tensor>& parts, int axis) {
-  if (parts.empty()) throw_error(ErrorKind::Compute, "concat of nothing");
-  const int a = normalize_axis(axis, parts[0].ndim(), "concat");
-  Shape shape = parts[0].shape();
-  shape[size_t(a)] = 0;
-  for (const Tensor& p : parts) {
-    require_f32_cuda(p, "concat");
-    bool fits = p.ndim() == parts[0].ndim();
-    for (int i = 0; fits && i < p.ndim(); ++i) fits = i == a || p.dim(i) == shape[size_t(i)];
-    if (!fits)
-      throw_error(ErrorKind::Compute, "concat: " + shape_to_string(p.shape()) + " does not fit " +
-                                          shape_to_string(parts[0].shape()));
-    shape[size_t(a)] += p.dim(a);
-  }
-  Tensor out = Tensor::empty(shape, DType::F32, Device::CUDA);
-  const auto [outer, inner] = outer_inner(shape, a);
-  const int64_t out_row = shape[size_t(a)] * inner;
-  int64_t at = 0;
-  for (const Tensor& p : parts) {
-    const int64_t row = p.dim(a) * inner;
-    copy_rows(p.data<float>(), row, out.data_mut<float>() + at, out_row, outer, row);
-    at += row;
-  }
-  return out;
-}
-
-Tensor slice(const Tensor& x, int axis, int64_t begin, int64_t end) {
-  require_f32_cuda(x, "slice");
-  const int a = normalize_axis(axis, x.ndim(), "slice");
-  if (begin < 0 || end > x.dim(a) || begin > end)
-    throw_error(ErrorKind::Compute, "slice [" + std::to_string(begin) + ", " + std::to_string(end) +
-                                        ") of " + shape_to_string(x.shape()));
-  Shape shape = x.shape();
-  shape[size_t(a)] = end - begin;
-  Tensor out = Tensor::empty(shape, DType::F32, Device::CUDA);
-  const auto [outer, inner] = outer_inner(x.shape(), a);
-  copy_rows(x.data<float>() + begin * inner, x.dim(a) * inner, out.data_mut<float>(),
-            (end - begin) * inner, outer, (end - begin) * inner);
-  return out;
-}
-
-Tensor repeat_batch(const Tensor& x, int64_t batch) {
-  require_f32_cuda(x, "repeat_batch");
-  if (x.ndim() == 0 || x.dim(0) != 1) throw_error(ErrorKind::Compute, "repeat_batch needs [1, ...]");
-  if (batch < 0) throw_error(ErrorKind::Compute, "repeat_batch: negative batch");
-  Shape shape = x.shape();
-  shape[0] = batch;
-  Tensor out = Tensor::empty(shape, DType::F32, Device::CUDA);
-  copy_rows(x.data<float>(), 0, out.data_mut<float>(), x.numel(), batch, x.numel());
   return out;
 }
 

@@ -24,9 +24,11 @@ Tensor self_attention_qkv(const Tensor& qkv, int64_t heads);
 Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window);
 void rope_inplace(Tensor& x, int64_t offset, float theta);
 Tensor heads_first(const Tensor& x);
-Tensor concat(const std::vector<Tensor>& parts, int axis);
-Tensor slice(const Tensor& x, int axis, int64_t begin, int64_t end);
-Tensor repeat_batch(const Tensor& x, int64_t batch);
+// `rows` rows of `row_len` floats, device to device (src stride 0 repeats one row); with
+// `delta`, dst is shifted by *delta * delta_stride, read on the device (recorded decode steps).
+// Shape plumbing (concat, slice, repeat_batch) is built on it in ops.cpp.
+void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows,
+               int64_t row_len, const int* delta = nullptr, int64_t delta_stride = 0);
 Tensor patchify(const Tensor& images, int64_t patch);
 void write_positions(Tensor& dst, const Tensor& src, int64_t at);
 Tensor to_f32(const Tensor& t);
