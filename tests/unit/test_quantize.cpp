@@ -167,7 +167,7 @@ int64_t first_difference(const Tensor& a, const Tensor& b) {
 
 std::vector<QuantIsa> supported_isas() {
   std::vector<QuantIsa> isas;
-  for (QuantIsa isa : {QuantIsa::Scalar, QuantIsa::Avx2, QuantIsa::Avx512})
+  for (QuantIsa isa : {QuantIsa::Scalar, QuantIsa::Avx2, QuantIsa::Avx512, QuantIsa::Avx512Vnni})
     if (cpu::quant_isa_supported(isa)) isas.push_back(isa);
   return isas;
 }
@@ -198,13 +198,44 @@ std::vector<float> term_magnitudes(const std::vector<float>& x, const QuantizedT
   return magnitude;
 }
 
+// [M, out]: the error the 16-bit fixed-point activations of the VNNI decode kernels may add,
+// 2^-16 * sum over groups of max|x_group| * sum_k |s q_k| (quantized_matmul_avx512vnni.cpp).
+std::vector<float> fixed_point_bounds(const std::vector<float>& x, const QuantizedTensor& q,
+                                      int64_t M) {
+  const auto w = dequantize(q).to_vector();
+  const auto biases = q.biases.to_vector();
+  const int64_t out = q.out_features(), in = q.in_features(), groups = q.groups_per_row();
+  std::vector<float> bound(size_t(M * out));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < out; ++n) {
+      double sum = 0.0;
+      for (int64_t g = 0; g < groups; ++g) {
+        double peak = 0.0, weights = 0.0;
+        for (int64_t k = g * q.group_size; k < (g + 1) * q.group_size; ++k) {
+          peak = std::max(peak, std::fabs(double(x[size_t(m * in + k)])));
+          weights += std::fabs(double(w[size_t(n * in + k)]) - biases[size_t(n * groups + g)]);
+        }
+        sum += peak * weights;
+      }
+      bound[size_t(m * out + n)] = float(std::ldexp(sum, -16));
+    }
+  return bound;
+}
+
+// The fixed-point bound applies to the VNNI instruction set's 4/8-bit decode kernels only.
+bool uses_fixed_point(QuantIsa isa, int bits) {
+  return isa == QuantIsa::Avx512Vnni && (bits == 4 || bits == 8);
+}
+
 void expect_matmul_close(const std::vector<float>& y, const std::vector<float>& reference,
-                         const std::vector<float>& magnitude, const std::string& what) {
+                         const std::vector<float>& magnitude, const std::string& what,
+                         const std::vector<float>* extra_bound = nullptr) {
   ASSERT_EQ(y.size(), reference.size());
   int reported = 0;
   for (size_t i = 0; i < y.size(); ++i) {
     const double diff = std::fabs(double(y[i]) - reference[i]);
-    const double bound = kMatmulRelTol * magnitude[i] + 1e-30;
+    const double bound =
+        kMatmulRelTol * magnitude[i] + (extra_bound ? (*extra_bound)[i] : 0.0) + 1e-30;
     if (!(diff <= bound) && reported++ < 5)
       ADD_FAILURE() << what << ": y[" << i << "] = " << y[i] << ", reference " << reference[i]
                     << ", |diff| " << diff << " > " << bound;
@@ -447,6 +478,7 @@ TEST(QuantizedMatmul, MatchesMlxOnEveryPath) {
     const auto x = case_tensor(c, "x", "f32").to_vector();
     const auto y_mlx = case_tensor(c, "y", "f32").to_vector();
     const auto magnitude = term_magnitudes(x, q, c.m);
+    const auto fixed_point = fixed_point_bounds(x, q, c.m);
     for (QuantIsa isa : supported_isas()) {
       for (QuantMatmulPath path :
            {QuantMatmulPath::Auto, QuantMatmulPath::Decode, QuantMatmulPath::Prefill}) {
@@ -454,7 +486,8 @@ TEST(QuantizedMatmul, MatchesMlxOnEveryPath) {
             c.name + "/" + cpu::quant_isa_name(isa) + "/path" + std::to_string(int(path));
         std::vector<float> y(size_t(c.m * c.out), NAN);
         cpu::quantized_matmul(isa, path, x.data(), c.m, q, nullptr, y.data());
-        expect_matmul_close(y, y_mlx, magnitude, what);
+        expect_matmul_close(y, y_mlx, magnitude, what,
+                            uses_fixed_point(isa, q.bits) ? &fixed_point : nullptr);
         ++checked;
       }
     }
@@ -489,8 +522,11 @@ TEST(QuantizedMatmul, VectorKernelsMatchScalar) {
     for (float& v : x) v = normal(rng);
     for (float& v : bias) v = normal(rng);
     const auto magnitude_all = term_magnitudes(x, q, 6);
+    const auto fixed_point_all = fixed_point_bounds(x, q, 6);
     for (int64_t M = 1; M <= 6; ++M) {
       const std::vector<float> magnitude(magnitude_all.begin(), magnitude_all.begin() + M * s.out);
+      const std::vector<float> fixed_point(fixed_point_all.begin(),
+                                           fixed_point_all.begin() + M * s.out);
       for (const float* b : std::vector<const float*>{nullptr, bias.data()}) {
         std::vector<float> reference(size_t(M * s.out));
         cpu::quantized_matmul(QuantIsa::Scalar, QuantMatmulPath::Decode, x.data(), M, q, b,
@@ -514,9 +550,31 @@ TEST(QuantizedMatmul, VectorKernelsMatchScalar) {
                                      (b ? " +bias" : "") + " path" + std::to_string(int(path));
             std::vector<float> y(size_t(M * s.out), NAN);
             cpu::quantized_matmul(isa, path, x.data(), M, q, b, y.data());
-            expect_matmul_close(y, reference, magnitude, what);
+            expect_matmul_close(y, reference, magnitude, what,
+                                uses_fixed_point(isa, s.bits) ? &fixed_point : nullptr);
           }
         }
+      }
+    }
+  }
+}
+
+// Non-finite activations have no fixed-point form: the VNNI kernels hand such x to the float
+// kernels, so inf and NaN propagate exactly as they do there (never a finite wrong answer).
+TEST(QuantizedMatmul, NonFiniteActivationsPropagateOnEveryIsa) {
+  for (int bits : {4, 8}) {
+    const QuantizedTensor q =
+        quantize(f32_tensor({24, 256}, synth_matrix(7 + bits, 24, 256, 24)).to(DType::BF16), 64,
+                 bits);
+    std::vector<float> x(2 * 256, 0.5f);
+    x[3] = INFINITY;           // row 0: inf times weights of both signs -> inf or NaN
+    x[256 + 100] = NAN;        // row 1: NaN everywhere
+    for (QuantIsa isa : supported_isas()) {
+      std::vector<float> y(2 * 24, 0.0f);
+      cpu::quantized_matmul(isa, QuantMatmulPath::Decode, x.data(), 2, q, nullptr, y.data());
+      for (int n = 0; n < 24; ++n) {
+        EXPECT_FALSE(std::isfinite(y[size_t(n)])) << cpu::quant_isa_name(isa) << " bits " << bits;
+        EXPECT_TRUE(std::isnan(y[size_t(24 + n)])) << cpu::quant_isa_name(isa) << " bits " << bits;
       }
     }
   }

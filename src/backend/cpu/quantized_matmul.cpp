@@ -82,19 +82,53 @@ void dequant_generic(const QuantView& w, int64_t r0, int64_t r1, float* out) {
   }
 }
 
+// The nibble-lane reorder the float32 4-bit kernels consume: each block of 2L elements as its L
+// even elements followed by its L odd ones.
+template <int L>
+bool prepare_nibble_lanes(const float* x, int64_t M, int64_t in, int, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = x + m * in;
+    float* dst = out + m * in;
+    for (int64_t b = 0; b < in; b += 2 * L) {
+      for (int j = 0; j < L; ++j) {
+        dst[b + j] = src[b + 2 * j];
+        dst[b + L + j] = src[b + 2 * j + 1];
+      }
+    }
+  }
+  return true;
+}
+
+int64_t same_width(int64_t in, int64_t) { return in; }
+
 struct Kernels {
   DecodeFn decode;
   DequantFn dequant;
-  int nibble_lanes;  // > 0: decode wants the 4-bit x_prep layout
+  qmm_detail::PrepareFn prepare;  // null: the decode kernel reads x as it is
+  int64_t (*prep_floats)(int64_t in, int64_t groups) = same_width;
+  QuantIsa fallback = QuantIsa::Scalar;  // when prepare() refuses x
 };
 
-Kernels select_kernels(QuantIsa isa, int bits) {
-  Kernels k{decode_generic, dequant_generic, 0};
-  if (isa == QuantIsa::Scalar || (bits != 4 && bits != 8)) return k;
+Kernels select_kernels(QuantIsa isa, const QuantView& w) {
+  Kernels k{decode_generic, dequant_generic, nullptr};
+  if (isa == QuantIsa::Scalar || (w.bits != 4 && w.bits != 8)) return k;
   const IsaKernels ik =
-      isa == QuantIsa::Avx512 ? qmm_detail::avx512_kernels() : qmm_detail::avx2_kernels();
-  if (bits == 4) return {ik.decode4, ik.dequant4, ik.nibble_lanes};
-  return {ik.decode8, ik.dequant8, 0};
+      isa == QuantIsa::Avx2 ? qmm_detail::avx2_kernels() : qmm_detail::avx512_kernels();
+  if (w.bits == 8)
+    k = {ik.decode8, ik.dequant8, nullptr};
+  else
+    k = {ik.decode4, ik.dequant4,
+         ik.nibble_lanes == 8 ? prepare_nibble_lanes<8> : prepare_nibble_lanes<16>};
+  if (isa == QuantIsa::Avx512Vnni) {
+    const qmm_detail::PreparedDecodeKernel vnni = qmm_detail::avx512vnni_decode(w.bits);
+    if (w.in % vnni.in_multiple == 0) {
+      k.decode = vnni.decode;
+      k.prepare = vnni.prepare;
+      k.prep_floats = vnni.prep_floats;
+      k.fallback = QuantIsa::Avx512;
+    }
+  }
+  return k;
 }
 
 // Below this many packed bytes, waking a second thread costs more than it saves.
@@ -106,23 +140,15 @@ int thread_count_for(int64_t bytes) {
 
 void run_decode(const Kernels& k, const QuantView& w, const float* x, int64_t M, const float* bias,
                 float* y) {
-  // x rearranged into the element order the kernel consumes.
-  std::vector<float> x_prep(size_t(M * w.in));
-  for (int64_t m = 0; m < M; ++m) {
-    const float* src = x + m * w.in;
-    float* dst = x_prep.data() + m * w.in;
-    if (k.nibble_lanes > 0) {
-      const int L = k.nibble_lanes;
-      for (int64_t b = 0; b < w.in; b += 2 * L) {
-        for (int j = 0; j < L; ++j) {
-          dst[b + j] = src[b + 2 * j];
-          dst[b + L + j] = src[b + 2 * j + 1];
-        }
-      }
-    } else {
-      std::memcpy(dst, src, size_t(w.in) * sizeof(float));
-    }
+  // x in the form the kernel consumes, prepared once for all threads.
+  const int64_t prep_stride = k.prep_floats(w.in, w.groups);
+  std::vector<float> x_prep;
+  if (k.prepare) {
+    x_prep.resize(size_t(M * prep_stride));
+    if (!k.prepare(x, M, w.in, w.group_size, x_prep.data()))
+      return run_decode(select_kernels(k.fallback, w), w, x, M, bias, y);
   }
+  const float* xk = k.prepare ? x_prep.data() : x;
   const int threads = thread_count_for(w.out * w.row_bytes);
   // Dynamic blocks of rows rather than one static range per thread: on a shared machine a
   // descheduled thread would otherwise hold the whole product back. 64 rows (a multiple of 16,
@@ -135,7 +161,7 @@ void run_decode(const Kernels& k, const QuantView& w, const float* x, int64_t M,
     const int64_t r1 = std::min(w.out, r0 + kBlockRows);
     for (int64_t m0 = 0; m0 < M; m0 += kQuantDecodeMaxRows) {
       const int chunk = int(std::min<int64_t>(kQuantDecodeMaxRows, M - m0));
-      k.decode(w, chunk, x_prep.data() + m0 * w.in, bias, y + m0 * w.out, r0, r1);
+      k.decode(w, chunk, xk + m0 * prep_stride, bias, y + m0 * w.out, r0, r1);
     }
   }
 }
@@ -170,6 +196,8 @@ void run_prefill(const Kernels& k, const QuantView& w, const float* x, int64_t M
 
 const char* quant_isa_name(QuantIsa isa) {
   switch (isa) {
+    case QuantIsa::Avx512Vnni:
+      return "avx512vnni";
     case QuantIsa::Avx512:
       return "avx512";
     case QuantIsa::Avx2:
@@ -181,6 +209,9 @@ const char* quant_isa_name(QuantIsa isa) {
 
 bool quant_isa_supported(QuantIsa isa) {
   switch (isa) {
+    case QuantIsa::Avx512Vnni:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vnni");
     case QuantIsa::Avx512:
       return __builtin_cpu_supports("avx512f");
     case QuantIsa::Avx2:
@@ -191,7 +222,8 @@ bool quant_isa_supported(QuantIsa isa) {
 }
 
 QuantIsa quant_best_isa() {
-  static const QuantIsa best = quant_isa_supported(QuantIsa::Avx512) ? QuantIsa::Avx512
+  static const QuantIsa best = quant_isa_supported(QuantIsa::Avx512Vnni) ? QuantIsa::Avx512Vnni
+                               : quant_isa_supported(QuantIsa::Avx512)   ? QuantIsa::Avx512
                                : quant_isa_supported(QuantIsa::Avx2) ? QuantIsa::Avx2
                                                                      : QuantIsa::Scalar;
   return best;
@@ -210,7 +242,7 @@ void quantized_matmul(QuantIsa isa, QuantMatmulPath path, const float* x, int64_
   if (M == 0) return;
   if (!x || !y) throw_error(ErrorKind::Request, "quantized_matmul: null x or y");
   const QuantView view = make_view(w);
-  const Kernels kernels = select_kernels(isa, w.bits);
+  const Kernels kernels = select_kernels(isa, view);
   if (path == QuantMatmulPath::Auto)
     path = M <= kQuantDecodeMaxRows ? QuantMatmulPath::Decode : QuantMatmulPath::Prefill;
   if (path == QuantMatmulPath::Decode)
@@ -234,8 +266,9 @@ void dequantize_rows(QuantIsa isa, const QuantizedTensor& w, int64_t row_begin, 
                                         std::to_string(row_end) + ") out of range for " +
                                         std::to_string(w.out_features()) + " rows");
   w.validate("dequantize_rows weight");
-  const Kernels kernels = select_kernels(isa, w.bits);
-  kernels.dequant(make_view(w), row_begin, row_end, out);
+  const QuantView view = make_view(w);
+  const Kernels kernels = select_kernels(isa, view);
+  kernels.dequant(view, row_begin, row_end, out);
 }
 
 }  // namespace moxin::cpu

@@ -48,54 +48,66 @@ void finish_row(const QuantView& w, __m512 (&acc)[4][M], const float* bias, floa
 }
 
 // 32 codes (16 bytes) per step: the low nibbles are the even elements, the high nibbles the odd
-// ones, matching x_prep's [16 even | 16 odd] blocks. Two steps per iteration keep four
-// independent accumulator chains per row of x.
+// ones, matching x_prep's [16 even | 16 odd] blocks. A 4-bit code has only 16 values, so each
+// group first builds its 16 dequantized weights s * j + b (the FMA affine() applies per weight,
+// so the values are identical) and every code then becomes its weight with one in-register
+// table lookup (vpermps reads the low 4 bits of each lane; the high nibble needs one shift):
+// widen, shift, two lookups and two product FMAs per 32 codes.
+// R rows at once: R streams of packed bytes keep more memory requests in flight than one, each
+// x vector loaded serves R rows, and 2 * R independent accumulator chains hide FMA latency.
+template <int M, int R>
+void decode4_rows(const QuantView& w, const float* x_prep, const float* bias, float* y, int64_t r0,
+                  int64_t r1) {
+  std::vector<float> scales(size_t(R * w.groups)), biases(size_t(R * w.groups));
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int64_t steps_per_group = w.group_size / 32;
+  for (int64_t r = r0; r + R <= r1; r += R) {
+    const uint8_t* rows[R];
+    for (int i = 0; i < R; ++i) {
+      load_params(w, r + i, scales.data() + i * w.groups, biases.data() + i * w.groups);
+      rows[i] = w.packed + (r + i) * w.row_bytes;
+    }
+    __m512 acc[R][2][M];
+    for (auto& row_acc : acc)
+      for (auto& chain : row_acc)
+        for (int m = 0; m < M; ++m) chain[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < w.groups; ++g) {
+      __m512 table[R];
+      for (int i = 0; i < R; ++i)
+        table[i] = _mm512_fmadd_ps(iota, _mm512_set1_ps(scales[size_t(i * w.groups + g)]),
+                                   _mm512_set1_ps(biases[size_t(i * w.groups + g)]));
+      for (int64_t step = 0; step < steps_per_group; ++step) {
+        const int64_t k = (g * steps_per_group + step) * 32;
+        __m512 even[R], odd[R];
+        for (int i = 0; i < R; ++i) {
+          const __m512i codes = _mm512_cvtepu8_epi32(load16(rows[i] + k / 2));
+          even[i] = _mm512_permutexvar_ps(codes, table[i]);
+          odd[i] = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table[i]);
+        }
+        for (int m = 0; m < M; ++m) {
+          const __m512 x_even = _mm512_loadu_ps(x_prep + m * w.in + k);
+          const __m512 x_odd = _mm512_loadu_ps(x_prep + m * w.in + k + 16);
+          for (int i = 0; i < R; ++i) {
+            acc[i][0][m] = _mm512_fmadd_ps(even[i], x_even, acc[i][0][m]);
+            acc[i][1][m] = _mm512_fmadd_ps(odd[i], x_odd, acc[i][1][m]);
+          }
+        }
+      }
+    }
+    for (int i = 0; i < R; ++i)
+      for (int m = 0; m < M; ++m)
+        y[m * w.out + r + i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0][m], acc[i][1][m])) +
+                               (bias ? bias[r + i] : 0.0f);
+  }
+}
+
 template <int M>
 void decode4_rows(const QuantView& w, const float* x_prep, const float* bias, float* y, int64_t r0,
                   int64_t r1) {
-  std::vector<float> scales(size_t(w.groups)), biases(size_t(w.groups));
-  const __m512i low_nibble = _mm512_set1_epi32(0x0f);
-  const int shift = __builtin_ctz(unsigned(w.group_size));
-  for (int64_t r = r0; r < r1; ++r) {
-    load_params(w, r, scales.data(), biases.data());
-    const uint8_t* row = w.packed + r * w.row_bytes;
-    __m512 acc[4][M];
-    for (auto& chain : acc)
-      for (int m = 0; m < M; ++m) chain[m] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= w.in; k += 64) {
-      const __m512i qa = _mm512_cvtepu8_epi32(load16(row + k / 2));
-      const __m512i qb = _mm512_cvtepu8_epi32(load16(row + k / 2 + 16));
-      const __m512 sa = _mm512_set1_ps(scales[size_t(k >> shift)]);
-      const __m512 ba = _mm512_set1_ps(biases[size_t(k >> shift)]);
-      const __m512 sb = _mm512_set1_ps(scales[size_t((k + 32) >> shift)]);
-      const __m512 bb = _mm512_set1_ps(biases[size_t((k + 32) >> shift)]);
-      const __m512 w0 = affine(_mm512_and_si512(qa, low_nibble), sa, ba);
-      const __m512 w1 = affine(_mm512_srli_epi32(qa, 4), sa, ba);
-      const __m512 w2 = affine(_mm512_and_si512(qb, low_nibble), sb, bb);
-      const __m512 w3 = affine(_mm512_srli_epi32(qb, 4), sb, bb);
-      for (int m = 0; m < M; ++m) {
-        const float* xp = x_prep + m * w.in + k;
-        acc[0][m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc[0][m]);
-        acc[1][m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp + 16), acc[1][m]);
-        acc[2][m] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xp + 32), acc[2][m]);
-        acc[3][m] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xp + 48), acc[3][m]);
-      }
-    }
-    if (k < w.in) {  // in is a multiple of 32: at most one 32-element step is left
-      const __m512i qa = _mm512_cvtepu8_epi32(load16(row + k / 2));
-      const __m512 sa = _mm512_set1_ps(scales[size_t(k >> shift)]);
-      const __m512 ba = _mm512_set1_ps(biases[size_t(k >> shift)]);
-      const __m512 w0 = affine(_mm512_and_si512(qa, low_nibble), sa, ba);
-      const __m512 w1 = affine(_mm512_srli_epi32(qa, 4), sa, ba);
-      for (int m = 0; m < M; ++m) {
-        const float* xp = x_prep + m * w.in + k;
-        acc[0][m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc[0][m]);
-        acc[1][m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp + 16), acc[1][m]);
-      }
-    }
-    finish_row<M>(w, acc, bias, y, r);
-  }
+  constexpr int kRows = M == 1 ? 4 : 2;  // bounded accumulator registers: 2 * kRows * M
+  const int64_t whole = r0 + (r1 - r0) / kRows * kRows;
+  decode4_rows<M, kRows>(w, x_prep, bias, y, r0, whole);
+  decode4_rows<M, 1>(w, x_prep, bias, y, whole, r1);
 }
 
 // 16 codes per 16-byte load, natural element order; four loads (64 elements) per iteration.
