@@ -4,7 +4,8 @@
 # test checkpoints and the full-size checkpoint in the background, run the CUDA tests, then
 # the benchmark. Logs go to $OUT (or ./gpu-out).
 #
-# Usage (from the repository root): bench/gpu/device_run.sh [tests|bench|all] [BUILD_DIR]
+# Usage (from the repository root): bench/gpu/device_run.sh [tests|bench|all|check|profile]
+#        [BUILD_DIR]   (profile: tests, then Nsight Compute on the 4-bit decode products)
 set -uo pipefail
 what="${1:-all}"
 build="${2:-build-cuda2}"
@@ -28,7 +29,7 @@ if [[ $what != tests ]]; then
     (python3 reference/make_checkpoints.py --variant full --out /tmp/moxin-full \
        >/tmp/gen_full.log 2>&1; echo "full: rc=$?" >>/tmp/gen_full.log) &
 fi
-if [[ $what == tests || $what == all ]]; then
+if [[ $what == tests || $what == all || $what == profile ]]; then
   for v in tiny-hf tiny-native tiny-f32 real-towers; do
     (python3 reference/make_checkpoints.py --variant "$v" --out "tests/fixtures/checkpoints/$v" \
        >"/tmp/gen_$v.log" 2>&1) &
@@ -38,6 +39,8 @@ if [[ $what == tests || $what == all ]]; then
   while pgrep -f "make_checkpoints.py --variant (tiny|real)" >/dev/null; do sleep 2; done
   echo "== test_cuda_model"
   timeout 240 "$dist/test_cuda_model" 2>&1 | tee "$out/test_cuda_model.log" | grep -E "OK|FAIL|Failure|cuda|greedy|host time|PASSED|SKIPPED|error|Expected|Which|actual"
+  echo "== test_cuda_batch"
+  timeout 240 "$dist/test_cuda_batch" 2>&1 | tee "$out/test_cuda_batch.log" | grep -E "OK|FAIL|Failure|PASSED|SKIPPED|error|Expected|Which|actual"
   pack
 fi
 if [[ $what != tests ]]; then
@@ -59,6 +62,19 @@ if [[ $what != tests ]]; then
     pack
   fi
   [[ $what == check ]] && exit 0
+  if [[ $what == profile ]]; then
+    for bits in 16 4; do
+      quant=(); [[ $bits != 16 ]] && quant=(--quantize $bits --group-size 64)
+      echo "== quick bench, $bits bits"
+      MOXIN_CUDA_TUNE_LOG=1 timeout 200 "$dist/moxin-vlm" bench --model /tmp/moxin-full --device cuda --prompt-tokens 24 \
+        --decode-tokens 128 "${quant[@]}" >"$out/quick_$bits.json" 2>>"$out/quick.err"
+      tr -d '\n' <"$out/quick_$bits.json" | cut -c1-700; echo
+    done
+    echo "== ncu: 4-bit decode products"
+    bench/gpu/profile_decode.sh "$dist/moxin-vlm" /tmp/moxin-full "$out/ncu_q4.txt" 4
+    pack
+    exit 0
+  fi
   bench/gpu/run_bench.sh "$dist/moxin-vlm" "$out" /tmp/moxin-full
   pack
 fi

@@ -6,8 +6,10 @@ set -euo pipefail
 build="${1:-build-cuda2}"
 rm -rf "$build/dist" "$build/dist.tar.xz"
 mkdir -p "$build/dist"
-cp "$build/moxin-vlm" "$build/tests/test_cuda_ops" "$build/tests/test_cuda_model" "$build/tests/test_cuda_full" "$build/dist/"
+tests=(test_cuda_ops test_cuda_model test_cuda_full test_cuda_batch)
+cp "$build/moxin-vlm" "$build/dist/"
+for t in "${tests[@]}"; do cp "$build/tests/$t" "$build/dist/"; done
 cp "$(ldconfig -p | awk '/libsentencepiece.so.0 /{print $NF; exit}')" "$build/dist/"
-strip "$build/dist/moxin-vlm" "$build/dist/test_cuda_ops" "$build/dist/test_cuda_model" "$build/dist/test_cuda_full"
+strip "$build/dist/moxin-vlm" "${tests[@]/#/$build/dist/}"
 tar -C "$build/dist" -cJf "$build/dist.tar.xz" .
 ls -la "$build/dist.tar.xz"

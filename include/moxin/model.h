@@ -165,8 +165,17 @@ class MoxinVLM {
   Tensor forward(const Tensor& dino_image, const Tensor& siglip_image, const Tensor& input_ids,
                  KVCacheList& cache, int64_t last_n = -1);
 
-  // One text token per sequence, token [B] or [B, 1], attending over the cache.
-  // Returns logits [B, 1, vocab].
+  // A batch of prompts of different lengths, right-padded: input_ids [B, L] where sequence b's
+  // prompt is its first lengths[b] ids (1 <= lengths[b] <= L; the padding ids after them must
+  // be valid token ids, 0 will do, and never affect the results). Each sequence has its own
+  // image. Returns logits [B, 1, vocab] at each sequence's last prompt token. The caches then
+  // hold each sequence at its own offset (KeyValueCache::offsets()), which decode_token
+  // continues from. Equal lengths behave exactly as forward() with last_n = 1.
+  Tensor forward(const Tensor& dino_image, const Tensor& siglip_image, const Tensor& input_ids,
+                 const std::vector<int64_t>& lengths, KVCacheList& cache);
+
+  // One text token per sequence, token [B] or [B, 1], attending over the cache; each sequence
+  // at its own position when the cache holds a ragged batch. Returns logits [B, 1, vocab].
   Tensor decode_token(const Tensor& token, KVCacheList& cache);
 
   // Stages, exposed for parity tests and for reusing an image's encoding.

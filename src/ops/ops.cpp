@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -57,17 +58,25 @@ Tensor linear(const Tensor& x, const Linear& layer) {
   return y;
 }
 
-std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const Linear*>& layers) {
-  DISPATCH_CUDA(x, linear_same_input(x, layers));
+void linear_accumulate(Tensor& y, const Tensor& x, const Linear& layer) {
+  DISPATCH_CUDA(x, linear_accumulate(y, x, layer));
+  add_inplace(y, linear(x, layer));
+}
+
+std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const Linear*>& layers,
+                                      const RMSNorm* norm) {
+  DISPATCH_CUDA(x, linear_same_input(x, layers, norm));
+  const Tensor h = norm ? rms_norm(x, *norm) : x;
   std::vector<Tensor> out;
   out.reserve(layers.size());
-  for (const Linear* layer : layers) out.push_back(linear(x, *layer));
+  for (const Linear* layer : layers) out.push_back(linear(h, *layer));
   return out;
 }
 
-Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up) {
-  DISPATCH_CUDA(x, swiglu_linear(x, gate, up));
-  return silu_mul(linear(x, gate), linear(x, up));
+Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up, const RMSNorm* norm) {
+  DISPATCH_CUDA(x, swiglu_linear(x, gate, up, norm));
+  const Tensor h = norm ? rms_norm(x, *norm) : x;
+  return silu_mul(linear(h, gate), linear(h, up));
 }
 
 Tensor layer_norm(const Tensor& x, const LayerNorm& norm) {
@@ -216,6 +225,103 @@ void rope_inplace(Tensor& x, int64_t offset, float theta) {
   cpu::rope_inplace(x.data_mut<float>(), B * L, H, Dh, positions.data(), theta);
 }
 
+namespace {
+
+// Positions for a batch of B sequences of L rows that must fit below `limit`.
+void check_batch_positions(const BatchPositions& p, int64_t B, int64_t L, int64_t limit,
+                           const char* op) {
+  if (p.size() != B)
+    throw_error(ErrorKind::Compute, std::string(op) + ": " + std::to_string(p.size()) +
+                                        " positions for a batch of " + std::to_string(B));
+  for (const int64_t at : p.host)
+    if (at < 0 || at + L > limit)
+      throw_error(ErrorKind::Compute, std::string(op) + ": position " + std::to_string(at) +
+                                          " + " + std::to_string(L) + " rows outside [0, " +
+                                          std::to_string(limit) + "]");
+}
+
+}  // namespace
+
+Tensor causal_attention(const Tensor& q, const CachedKV& kv, const BatchPositions& start,
+                        int64_t window) {
+  DISPATCH_CUDA(q, causal_attention(q, kv, start, window));
+  require_f32(q, "causal_attention");
+  const int64_t B = q.dim(0), Lq = q.dim(1), Hq = q.dim(2), Dh = q.dim(3);
+  const int64_t Hkv = kv.keys.dim(1), capacity = kv.keys.dim(2);
+  if (kv.keys.dim(0) != B || kv.keys.dim(3) != Dh || kv.length > capacity)
+    throw_error(ErrorKind::Compute, "causal_attention: queries " + shape_to_string(q.shape()) +
+                                        " do not match the cache " +
+                                        shape_to_string(kv.keys.shape()));
+  check_batch_positions(start, B, Lq, kv.length, "causal_attention");
+  Tensor out = Tensor::empty({B, Lq, Hq * Dh});
+  cpu::AttentionShape s{};
+  s.Lq = Lq;
+  s.Hq = Hq;
+  s.Hkv = Hkv;
+  s.Dh = Dh;
+  s.q_row_stride = Hq * Dh;
+  s.kv_row_stride = Dh;
+  s.kv_head_stride = capacity * Dh;
+  s.out_row_stride = Hq * Dh;
+  s.causal = true;
+  s.window = window;
+  s.scale = 1.0f / std::sqrt(float(Dh));
+  for (int64_t b = 0; b < B; ++b) {
+    // Each sequence's queries see only its own history: keys past start + Lq belong to
+    // nothing it has written yet (another sequence's longer prompt, or stale padding).
+    s.q_offset = start.host[size_t(b)];
+    s.Lk = s.q_offset + Lq;
+    const int64_t kv_batch = b * Hkv * capacity * Dh;
+    cpu::attention(q.data<float>() + b * Lq * Hq * Dh, kv.keys.data<float>() + kv_batch,
+                   kv.values.data<float>() + kv_batch, out.data_mut<float>() + b * Lq * Hq * Dh,
+                   s);
+  }
+  return out;
+}
+
+void rope_inplace(Tensor& x, const BatchPositions& start, float theta) {
+  DISPATCH_CUDA(x, rope_inplace(x, start, theta));
+  require_f32(x, "rope");
+  const int64_t B = x.dim(0), L = x.dim(1), H = x.dim(2), Dh = x.dim(3);
+  check_batch_positions(start, B, L, std::numeric_limits<int64_t>::max() / 2, "rope");
+  std::vector<int64_t> positions(size_t(B * L));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t l = 0; l < L; ++l) positions[size_t(b * L + l)] = start.host[size_t(b)] + l;
+  cpu::rope_inplace(x.data_mut<float>(), B * L, H, Dh, positions.data(), theta);
+}
+
+void write_positions(Tensor& dst, const Tensor& src, const BatchPositions& at) {
+  DISPATCH_CUDA(dst, write_positions(dst, src, at));
+  require_f32(src, "write_positions");
+  require_f32(dst, "write_positions");
+  const int64_t B = src.dim(0), H = src.dim(1), L = src.dim(2), D = src.dim(3);
+  if (src.ndim() != 4 || dst.ndim() != 4 || dst.dim(0) != B || dst.dim(1) != H || dst.dim(3) != D)
+    throw_error(ErrorKind::Compute, "write_positions: " + shape_to_string(src.shape()) +
+                                        " into " + shape_to_string(dst.shape()));
+  const int64_t capacity = dst.dim(2);
+  check_batch_positions(at, B, L, capacity, "write_positions");
+  for (int64_t b = 0; b < B; ++b)
+    cpu::copy_rows(src.data<float>() + b * H * L * D, L * D,
+                   dst.data_mut<float>() + (b * H * capacity + at.host[size_t(b)]) * D,
+                   capacity * D, H, L * D);
+}
+
+BatchPositions batch_positions(std::vector<int64_t> positions, Device device) {
+  BatchPositions p;
+  p.host = std::move(positions);
+  if (device != Device::CPU) {
+    Tensor values = Tensor::empty({p.size()}, DType::I32);
+    for (int64_t b = 0; b < p.size(); ++b) {
+      const int64_t v = p.host[size_t(b)];
+      if (v < 0 || v > std::numeric_limits<int32_t>::max())
+        throw_error(ErrorKind::Compute, "position " + std::to_string(v) + " out of range");
+      values.data_mut<int32_t>()[b] = int32_t(v);
+    }
+    p.device = values.to_device(device);
+  }
+  return p;
+}
+
 Tensor heads_first(const Tensor& x) {
   DISPATCH_CUDA(x, heads_first(x));
   require_f32(x, "heads_first");
@@ -314,6 +420,24 @@ Tensor repeat_batch(const Tensor& x, int64_t batch) {
   shape[0] = batch;
   Tensor out = Tensor::empty(shape, DType::F32, x.device());
   copy_rows(x.device(), x.data<float>(), 0, out.data_mut<float>(), x.numel(), batch, x.numel());
+  return out;
+}
+
+Tensor select_positions(const Tensor& x, const std::vector<int64_t>& index) {
+  require_f32(x, "select_positions");
+  if (x.ndim() != 3 || int64_t(index.size()) != x.dim(0))
+    throw_error(ErrorKind::Compute, "select_positions: " + std::to_string(index.size()) +
+                                        " indices for " + shape_to_string(x.shape()));
+  const int64_t B = x.dim(0), L = x.dim(1), D = x.dim(2);
+  Tensor out = Tensor::empty({B, 1, D}, DType::F32, x.device());
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t l = index[size_t(b)];
+    if (l < 0 || l >= L)
+      throw_error(ErrorKind::Compute, "select_positions: index " + std::to_string(l) +
+                                          " outside [0, " + std::to_string(L) + ")");
+    copy_rows(x.device(), x.data<float>() + (b * L + l) * D, D, out.data_mut<float>() + b * D, D,
+              1, D);
+  }
   return out;
 }
 

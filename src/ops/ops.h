@@ -12,12 +12,18 @@ namespace moxin::ops {
 
 // x [..., in] -> [..., out]
 Tensor linear(const Tensor& x, const Linear& layer);
-// Linear layers that read the same input (q/k/v projections): out[i] = linear(x, *layers[i]).
-// A backend may run them as one product; results equal the separate calls.
-std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const Linear*>& layers);
-// silu(linear(x, gate)) * linear(x, up), the input half of a SwiGLU MLP (one product on a GPU
-// decode step).
-Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up);
+// y += linear(x, layer): a residual branch added into the stream (on a GPU decode step, in the
+// product's epilogue).
+void linear_accumulate(Tensor& y, const Tensor& x, const Linear& layer);
+// Linear layers that read the same input (q/k/v projections): out[i] = linear(h, *layers[i])
+// with h = rms_norm(x, *norm), or x when norm is null. A backend may run them as one product
+// with the norm folded in; results equal the separate calls up to float rounding.
+std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const Linear*>& layers,
+                                      const RMSNorm* norm = nullptr);
+// silu(linear(h, gate)) * linear(h, up), h as above: the input half of a SwiGLU MLP (one
+// product on a GPU decode step).
+Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up,
+                     const RMSNorm* norm = nullptr);
 Tensor layer_norm(const Tensor& x, const LayerNorm& norm);
 Tensor rms_norm(const Tensor& x, const RMSNorm& norm);
 void gelu_inplace(Tensor& x);                            // exact (erf) GELU
@@ -38,6 +44,23 @@ Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, i
 void rope_inplace(Tensor& x, int64_t offset, float theta);
 // dst [B, H, capacity, D][:, :, at : at + L] = src [B, H, L, D] (the KV cache append)
 void write_positions(Tensor& dst, const Tensor& src, int64_t at);
+
+// Ragged batches: the same three ops with a position per sequence (moxin/kv_cache.h says how
+// right-padded batches use them). Sequence b's row l sits at position start.host[b] + l.
+//
+// Decoder attention for q [B, Lq, Hq, Dh]: sequence b's query i sees its keys
+// j <= start[b] + i (kv.length >= start[b] + Lq for every b) -> [B, Lq, Hq * Dh].
+Tensor causal_attention(const Tensor& q, const CachedKV& kv, const BatchPositions& start,
+                        int64_t window);
+// RoPE in place on x [B, L, H, Dh] at positions start[b] + l.
+void rope_inplace(Tensor& x, const BatchPositions& start, float theta);
+// dst [B, H, capacity, D][b, :, at[b] : at[b] + L] = src [B, H, L, D][b]
+void write_positions(Tensor& dst, const Tensor& src, const BatchPositions& at);
+// Per-sequence positions for ops on `device`: the device copy is made here, once.
+BatchPositions batch_positions(std::vector<int64_t> positions, Device device);
+// x [B, L, D] -> [B, 1, D], row index[b] of each sequence (the last real token of each
+// right-padded sequence).
+Tensor select_positions(const Tensor& x, const std::vector<int64_t>& index);
 // [B, L, H, Dh] -> [B, H, L, Dh]
 Tensor heads_first(const Tensor& x);
 // Shape plumbing (float32, contiguous).

@@ -116,7 +116,7 @@ TEST(CudaOps, EverySingleRowGemvVariantMatchesCpu) {
                         {4352, 33, 4}, {256, 4304, 4}, {14336, 31, 4}, {4096, 1025, 4},
                         {4352, 33, 8}, {256, 4304, 8}, {14336, 31, 8}, {4096, 1025, 8}};
   uint32_t seed = 300;
-  for (int variant = 0; variant < 4; ++variant) {
+  for (int variant = 0; variant < 7; ++variant) {  // quantized: 7 variants, bf16: 4
     cuda::set_gemv_variant_for_testing(variant);
     for (const Case& c : cases) {
       const Tensor w = random_tensor({c.N, c.K}, ++seed, 0.05f).to(DType::BF16);
@@ -165,7 +165,7 @@ TEST(CudaOps, FusedSameInputProductsMatchCpu) {
       *gpu_layer = Linear{Tensor(), gpu(b), qg};
     }
   };
-  for (int variant = 0; variant < 3; ++variant) {
+  for (int variant = 0; variant < 6; ++variant) {  // quantized: 6 variants, bf16: 3
     cuda::set_gemv_variant_for_testing(variant);
     for (int bits : {0, 4, 8}) {
       for (int64_t M : {1, 3}) {
@@ -187,10 +187,66 @@ TEST(CudaOps, FusedSameInputProductsMatchCpu) {
         make(4305, K, bits, true, &cu, &gu);
         expect_close(ops::swiglu_linear(gpu(x), gg, gu),
                      ops::silu_mul(ops::linear(x, cg), ops::linear(x, cu)), tol, what + " swiglu");
+        // The RMSNorm folded into the same launches (the decoder's input and post-attention
+        // norms): against a separate CPU norm, then the products.
+        const RMSNorm norm{random_tensor({K}, ++seed, 0.5f), 1e-5f};
+        const RMSNorm gnorm{gpu(norm.weight), norm.eps};
+        const Tensor h = ops::rms_norm(x, norm);
+        const std::vector<Tensor> normed =
+            ops::linear_same_input(gpu(x), {&g[0], &g[1], &g[2]}, &gnorm);
+        for (int i = 0; i < 3; ++i)
+          expect_close(normed[size_t(i)], ops::linear(h, c[i]), tol,
+                       what + " normed segment " + std::to_string(i));
+        expect_close(ops::swiglu_linear(gpu(x), gg, gu, &gnorm),
+                     ops::silu_mul(ops::linear(h, cg), ops::linear(h, cu)), tol,
+                     what + " normed swiglu");
       }
     }
   }
   cuda::set_gemv_variant_for_testing(-1);
+}
+
+// Residual products (o_proj, down_proj): y += x W^T in the product's epilogue for few rows,
+// through a temporary for many, for every variant; then once more with tuning on for a fresh
+// shape, whose timing launches must not add into y.
+TEST(CudaOps, AccumulatingProductsMatchCpu) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  uint32_t seed = 700;
+  auto check = [&](int64_t N, int64_t K, int bits, int64_t M, const std::string& what) {
+    const Tensor w = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
+    const Tensor b = random_tensor({N}, ++seed);
+    Linear reference, layer;
+    if (bits == 0) {
+      reference = Linear{w, b, nullptr};
+      layer = Linear{gpu(w), gpu(b), nullptr};
+    } else {
+      const QuantizedTensor q = quantize(w, 64, bits);
+      reference = Linear{dequantize(q), b, nullptr};
+      auto qg = std::make_shared<QuantizedTensor>(q);
+      qg->weight = gpu(q.weight);
+      qg->scales = gpu(q.scales);
+      qg->biases = gpu(q.biases);
+      layer = Linear{Tensor(), gpu(b), qg};
+    }
+    const Tensor x = random_tensor({1, M, K}, ++seed);
+    const Tensor y0 = random_tensor({1, M, N}, ++seed);
+    Tensor expected = y0.clone();
+    ops::add_inplace(expected, ops::linear(x, reference));
+    Tensor y = gpu(y0);
+    ops::linear_accumulate(y, gpu(x), layer);
+    const bool gemv = M <= 8;
+    expect_close(y, expected, gemv ? (bits ? 1e-4 : 1e-5) : 1e-2, what);
+  };
+  for (int variant = 0; variant < 7; ++variant) {
+    cuda::set_gemv_variant_for_testing(variant);
+    for (int bits : {0, 4, 8})
+      for (int64_t M : {1, 3, 17})
+        check(1025, 4352, bits, M,
+              "variant " + std::to_string(variant) + " bits " + std::to_string(bits) + " M " +
+                  std::to_string(M));
+  }
+  cuda::set_gemv_variant_for_testing(-1);
+  for (int bits : {0, 4, 8}) check(777, 1088, bits, 1, "tuned bits " + std::to_string(bits));
 }
 #endif
 

@@ -133,6 +133,7 @@ struct BenchOptions {
   std::string image;
   int prompt_tokens = 24;
   int decode_tokens = 8;
+  int batch = 1;  // sequences decoded together for decode_tok_s_aggregate
   bool json = true;
 };
 
@@ -156,6 +157,49 @@ BenchInputs bench_inputs(const MoxinVLM& model, const BenchOptions& o) {
   for (int i = 0; i < o.prompt_tokens; ++i)
     ids.data_mut<int32_t>()[i] = i == 0 ? 1 : int32_t((i * 7919) % vocab);
   return {preprocess_image(image, size), ids};
+}
+
+// Greedy token of every row of logits [B, 1, vocab], picked on the host.
+std::vector<int32_t> argmax_rows(const Tensor& device_logits) {
+  const Tensor logits = device_logits.to_device(Device::CPU);
+  const int64_t V = logits.dim(-1), B = logits.numel() / V;
+  std::vector<int32_t> tokens(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = logits.data<float>() + b * V;
+    tokens[size_t(b)] = int32_t(std::max_element(row, row + V) - row);
+  }
+  return tokens;
+}
+
+// Batched decoding: `batch` sequences (the bench image and prompt repeated; content does not
+// change the cost) prefilled together, then `steps` eager decode_token steps for the whole
+// batch, each picking every sequence's greedy token on the host as generation would. Two
+// untimed steps first (a GPU picks its kernels for the new row count). Adds batch,
+// batch_prefill_ms, decode_batch_steps and decode_tok_s_aggregate (batch * steps / seconds).
+void bench_batch_decode(MoxinVLM& model, const BenchInputs& in, int64_t batch, int steps,
+                        nlohmann::json& report) {
+  const int64_t L = in.ids.dim(1);
+  Tensor ids = Tensor::empty({batch, L}, DType::I32);
+  for (int64_t b = 0; b < batch; ++b)
+    std::copy(in.ids.data<int32_t>(), in.ids.data<int32_t>() + L, ids.data_mut<int32_t>() + b * L);
+  const Tensor dino = ops::repeat_batch(in.pixels.dino, batch);
+  const Tensor siglip = ops::repeat_batch(in.pixels.siglip, batch);
+  KVCacheList cache;
+  auto start = Clock::now();
+  std::vector<int32_t> tokens = argmax_rows(model.forward(dino, siglip, ids, cache, 1));
+  report["batch_prefill_ms"] = seconds_since(start) * 1e3;
+  auto step = [&] {
+    Tensor t = Tensor::empty({batch}, DType::I32);
+    std::copy(tokens.begin(), tokens.end(), t.data_mut<int32_t>());
+    tokens = argmax_rows(model.decode_token(t, cache));
+  };
+  for (int i = 0; i < 2; ++i) step();
+  start = Clock::now();
+  for (int i = 0; i < steps; ++i) step();
+  const double s = seconds_since(start);
+  report["batch"] = batch;
+  report["decode_batch_steps"] = steps;
+  report["decode_tok_s_aggregate"] = double(batch) * steps / s;
 }
 
 #if MOXIN_WITH_CUDA
@@ -186,7 +230,8 @@ int run_bench_cuda(const BenchOptions& o) {
   const double weights_gb = double(cuda::memory_stats().pool_used_peak) / 1e9;
   report["weights_on_gpu_gb"] = weights_gb;
 
-  const auto [pixels, ids] = bench_inputs(model, o);
+  const BenchInputs inputs = bench_inputs(model, o);
+  const auto& [pixels, ids] = inputs;
   // The preprocessed image is uploaded once; TTFT below includes the upload.
 
   const int repeats = 7;
@@ -237,6 +282,15 @@ int run_bench_cuda(const BenchOptions& o) {
       token = cuda::argmax_last(model.decode_token(t, cache));
     }
     report["decode_eager_tok_s"] = eager_n / seconds_since(start);
+    if (o.batch == 1) {  // batch 1's aggregate is the eager speed, the path batches take
+      report["batch"] = 1;
+      report["decode_batch_steps"] = eager_n;
+      report["decode_tok_s_aggregate"] = report["decode_eager_tok_s"];
+    }
+  }
+  if (o.batch > 1) {
+    std::fprintf(stderr, "decode, batch of %d...\n", o.batch);
+    bench_batch_decode(model, inputs, o.batch, std::min(n, 32), report);
   }
   cuda::DecodeGraph graph(model, capacity);
   Tensor logits = model.forward(pixels.dino, pixels.siglip, ids, graph.caches(), 1);
@@ -275,6 +329,8 @@ int run_bench_cuda(const BenchOptions& o) {
 int run_bench(const BenchOptions& o) {
   if (o.prompt_tokens < 1 || o.decode_tokens < 1)
     throw_error(ErrorKind::Request, "--prompt-tokens and --decode-tokens must be at least 1");
+  if (o.batch < 1 || o.batch > 4096)
+    throw_error(ErrorKind::Request, "--batch must be in [1, 4096]");
 #if MOXIN_WITH_CUDA
   if (o.model.device == "cuda") return run_bench_cuda(o);
 #endif
@@ -295,7 +351,8 @@ int run_bench(const BenchOptions& o) {
   report["device"] = o.model.device;
   report["load_s"] = seconds_since(start);
 
-  const auto [pixels, ids] = bench_inputs(model, o);
+  const BenchInputs inputs = bench_inputs(model, o);
+  const auto& [pixels, ids] = inputs;
 
   // Warm-up: the image encode and one decoder step page every memory-mapped weight in (a
   // decode step reads each matrix once) at a fraction of a prefill's arithmetic. Reported, not
@@ -345,6 +402,14 @@ int run_bench(const BenchOptions& o) {
   report["decode_weight_gb"] = weight_bytes / 1e9;
   report["decode_roofline_tok_s"] = bandwidth * 1e9 / weight_bytes;
   report["decode_fraction_of_roofline"] = tok_s / (bandwidth * 1e9 / weight_bytes);
+  if (o.batch > 1) {
+    std::fprintf(stderr, "decode, batch of %d...\n", o.batch);
+    bench_batch_decode(model, inputs, o.batch, o.decode_tokens, report);
+  } else {  // the loop above is the batch-1 eager decode
+    report["batch"] = 1;
+    report["decode_batch_steps"] = o.decode_tokens;
+    report["decode_tok_s_aggregate"] = tok_s;
+  }
   report["peak_rss_gb"] = peak_rss_gib() * 1.073741824;
   std::printf("%s\n", report.dump(2).c_str());
   return 0;
@@ -360,6 +425,9 @@ Command add_bench(CLI::App& app) {
   cmd->add_option("--prompt-tokens", o->prompt_tokens, "text tokens in the prompt, BOS included")
       ->capture_default_str();
   cmd->add_option("--decode-tokens", o->decode_tokens, "tokens to decode")->capture_default_str();
+  cmd->add_option("--batch", o->batch,
+                  "sequences decoded together (eager) for decode_tok_s_aggregate")
+      ->capture_default_str();
   cmd->add_flag("--json", o->json, "print JSON (the default; kept for symmetry with other tools)");
   return {cmd, [o] { return run_bench(*o); }};
 }

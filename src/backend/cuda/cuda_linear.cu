@@ -80,7 +80,8 @@ __device__ __forceinline__ float load_weight(const W* w, int64_t i) {
 template <int M, class W, bool kVector>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     gemv16_kernel(const float* __restrict__ x, const W* __restrict__ w,
-                  const float* __restrict__ bias, float* __restrict__ y, int64_t N, int64_t K) {
+                  const float* __restrict__ bias, const float* residual, float* y, int64_t N,
+                  int64_t K) {
   const int lane = threadIdx.x % 32;
   const int64_t n = int64_t(blockIdx.x) * kGemvWarps + threadIdx.x / 32;
   // Weights are constant: their first bytes may be fetched before the predecessor finishes.
@@ -119,7 +120,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   if (lane == 0) {
     const float b = bias ? bias[n] : 0.0f;
 #pragma unroll
-    for (int m = 0; m < M; ++m) y[m * N + n] = acc[m] + b;
+    for (int m = 0; m < M; ++m) y[m * N + n] = acc[m] + b + (residual ? residual[m * N + n] : 0.0f);
   }
 }
 
@@ -131,9 +132,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 constexpr int kGemvThreads = 128;
 constexpr int kGemvRowsPerBlock = 4;
 
+// y = acc + bias (+ residual, which may alias y: each output is read and written by the same
+// thread).
 template <int M, int R>
 __device__ __forceinline__ void block_reduce_store(float (&acc)[R][M], int64_t n0, int64_t N,
-                                                   const float* bias, float* y) {
+                                                   const float* bias, const float* residual,
+                                                   float* y) {
   __shared__ float partial[kGemvThreads / 32][R * M];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
@@ -153,7 +157,7 @@ __device__ __forceinline__ void block_reduce_store(float (&acc)[R][M], int64_t n
       float v = 0.0f;
 #pragma unroll
       for (int w = 0; w < kGemvThreads / 32; ++w) v += partial[w][threadIdx.x];
-      y[m * N + n] = v + (bias ? bias[n] : 0.0f);
+      y[m * N + n] = v + (bias ? bias[n] : 0.0f) + (residual ? residual[m * N + n] : 0.0f);
     }
   }
 }
@@ -161,7 +165,7 @@ __device__ __forceinline__ void block_reduce_store(float (&acc)[R][M], int64_t n
 template <int M, class W, int R>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv16_rows_kernel(const float* __restrict__ x, const W* __restrict__ w,
-                       const float* __restrict__ bias, float* __restrict__ y, int64_t N,
+                       const float* __restrict__ bias, const float* residual, float* y, int64_t N,
                        int64_t K) {
   const int64_t n0 = int64_t(blockIdx.x) * R;
   const int64_t chunks = K / 8;
@@ -197,7 +201,7 @@ __global__ void __launch_bounds__(kGemvThreads)
                      b.x * wv[r][4] + b.y * wv[r][5] + b.z * wv[r][6] + b.w * wv[r][7];
     }
   }
-  block_reduce_store<M, R>(acc, n0, N, bias, y);
+  block_reduce_store<M, R>(acc, n0, N, bias, residual, y);
 }
 
 // Code j of a packed word as an exact float: the code's bits placed under the exponent of 2^23
@@ -240,7 +244,7 @@ __global__ void __launch_bounds__(kGemvThreads)
     gemv_quant_rows_kernel(const float* __restrict__ x, const uint32_t* __restrict__ packed,
                            const void* __restrict__ scales, const void* __restrict__ biases,
                            DType param_dtype, int group_size, const float* __restrict__ bias,
-                           float* __restrict__ y, int64_t N, int64_t K) {
+                           const float* residual, float* y, int64_t N, int64_t K) {
   constexpr int kPerChunk = 128 / kBits;
   const int64_t n0 = int64_t(blockIdx.x) * R;
   const int64_t chunks = K / kPerChunk, groups = K / group_size;
@@ -289,7 +293,134 @@ __global__ void __launch_bounds__(kGemvThreads)
       for (int r = 0; r < R; ++r) acc[r][m] += s[r] * chunk_dot<kBits>(raw[r], xv) + b[r] * xs;
     }
   }
-  block_reduce_store<M, R>(acc, n0, N, bias, y);
+  block_reduce_store<M, R>(acc, n0, N, bias, residual, y);
+}
+
+// Warp-per-rows variant for single-row quantized products. The block-per-rows kernel above
+// loads one 16-byte chunk per row and thread, computes, and ends with a block reduction: with
+// K = 4096 each thread runs one iteration, so a warp has a single round of weight loads in
+// flight and then waits on them (profiles: ~20% of DRAM bandwidth, stalls on the L1TEX
+// scoreboard, 25-40% occupancy). Here a warp owns RT rows outright and its lanes stride over
+// the chunks of K, loading chunk c + 32 of every row before computing chunk c, so each warp
+// keeps two rounds of weight loads in flight, and the reduction is a warp shuffle (no barrier).
+// Activations are read a word (8 values) at a time to keep registers for the loads.
+struct QuantRow {
+  const uint4* codes = nullptr;  // the row's first 16-byte chunk
+  const void* scales = nullptr;  // the row's first group parameter
+  const void* biases = nullptr;
+};
+
+__device__ __forceinline__ const void* param_row(const void* base, DType dtype, int64_t offset) {
+  return static_cast<const char*>(base) + offset * (dtype == DType::F32 ? 4 : 2);
+}
+
+// acc[r] = sum_k (s q + b)[row r, k] * xn[k], with xn = x * norm_weight when given (then
+// sum_sq = sum x^2), reduced over the warp: every lane holds the totals.
+template <int kBits, int RT>
+__device__ __forceinline__ void warp_quant_dots(const float* __restrict__ x,
+                                                const float* __restrict__ norm_weight, int64_t K,
+                                                int group_size, DType param_dtype,
+                                                const QuantRow (&rows)[RT], float (&acc)[RT],
+                                                float& sum_sq) {
+  constexpr int kPerChunk = 128 / kBits;
+  constexpr int kPerWord = kPerChunk / 4;
+  const int lane = threadIdx.x % 32;
+  const int64_t chunks = K / kPerChunk;
+#pragma unroll
+  for (int r = 0; r < RT; ++r) acc[r] = 0.0f;
+  sum_sq = 0.0f;
+  uint4 next[RT];
+  if (lane < chunks)
+#pragma unroll
+    for (int r = 0; r < RT; ++r) next[r] = __ldcs(rows[r].codes + lane);
+  for (int64_t c = lane; c < chunks; c += 32) {
+    uint4 raw[RT];
+#pragma unroll
+    for (int r = 0; r < RT; ++r) raw[r] = next[r];
+    if (c + 32 < chunks)
+#pragma unroll
+      for (int r = 0; r < RT; ++r) next[r] = __ldcs(rows[r].codes + c + 32);
+    const int64_t g = c * kPerChunk / group_size;
+    float dot[RT];
+#pragma unroll
+    for (int r = 0; r < RT; ++r) dot[r] = 0.0f;
+    float xs = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float xv[kPerWord];
+      const float4* xr = reinterpret_cast<const float4*>(x + c * kPerChunk + i * kPerWord);
+#pragma unroll
+      for (int v = 0; v < kPerWord / 4; ++v) {
+        float4 a = xr[v];
+        if (norm_weight) {
+          sum_sq += (a.x * a.x + a.y * a.y) + (a.z * a.z + a.w * a.w);
+          const float4 w = reinterpret_cast<const float4*>(norm_weight + c * kPerChunk +
+                                                           i * kPerWord)[v];
+          a = make_float4(a.x * w.x, a.y * w.y, a.z * w.z, a.w * w.w);
+        }
+        xv[4 * v] = a.x;
+        xv[4 * v + 1] = a.y;
+        xv[4 * v + 2] = a.z;
+        xv[4 * v + 3] = a.w;
+        xs += (a.x + a.y) + (a.z + a.w);
+      }
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        const uint32_t word = i == 0 ? raw[r].x : i == 1 ? raw[r].y : i == 2 ? raw[r].z : raw[r].w;
+        if constexpr (kBits == 8) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) dot[r] = fmaf(xv[j], code_from_byte(word, j), dot[r]);
+        } else {
+          const uint32_t lo = word & 0x0f0f0f0fu, hi = (word >> 4) & 0x0f0f0f0fu;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            dot[r] = fmaf(xv[2 * j], code_from_byte(lo, j), dot[r]);
+            dot[r] = fmaf(xv[2 * j + 1], code_from_byte(hi, j), dot[r]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+      acc[r] += load_f32(rows[r].scales, param_dtype, g) * dot[r] +
+                load_f32(rows[r].biases, param_dtype, g) * xs;
+  }
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+    for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+  for (int o = 16; o > 0; o >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, o);
+}
+
+constexpr int kWarpsPerQuantBlock = 4;
+
+template <int kBits, int R>
+__global__ void __launch_bounds__(kWarpsPerQuantBlock * 32)
+    gemv_quant_warp_kernel(const float* __restrict__ x, const uint32_t* __restrict__ packed,
+                           const void* __restrict__ scales, const void* __restrict__ biases,
+                           DType param_dtype, int group_size, const float* __restrict__ bias,
+                           const float* residual, float* y, int64_t N, int64_t K) {
+  constexpr int kPerChunk = 128 / kBits;
+  const int64_t n0 = (int64_t(blockIdx.x) * kWarpsPerQuantBlock + threadIdx.x / 32) * R;
+  const int64_t chunks = K / kPerChunk, groups = K / group_size;
+  QuantRow rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r < N ? n0 + r : N - 1;  // rows past N compute and are dropped
+    rows[r].codes = reinterpret_cast<const uint4*>(packed) + n * chunks;
+    rows[r].scales = param_row(scales, param_dtype, n * groups);
+    rows[r].biases = param_row(biases, param_dtype, n * groups);
+    if (n0 < N && threadIdx.x % 32 < chunks) prefetch_l2(rows[r].codes + threadIdx.x % 32);
+  }
+  pdl_wait();
+  pdl_trigger();
+  if (n0 >= N) return;
+  float acc[R], sum_sq;
+  warp_quant_dots<kBits, R>(x, nullptr, K, group_size, param_dtype, rows, acc, sum_sq);
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    if (lane == r && n0 + r < N)
+      y[n0 + r] = acc[r] + (bias ? bias[n0 + r] : 0.0f) + (residual ? residual[n0 + r] : 0.0f);
 }
 
 // Word-wise expansion for 4- and 8-bit codes (a word never straddles a group): one thread per
@@ -516,60 +647,73 @@ int tuned_variant(const TuneKey& key, int variants, const Launch& launch) {
 }
 
 template <int M, class W, int R>
-void launch_gemv16_rows(const float* x, const W* w, const float* bias, float* y, int64_t N,
-                        int64_t K) {
+void launch_gemv16_rows(const float* x, const W* w, const float* bias, const float* residual,
+                        float* y, int64_t N, int64_t K) {
   launch_pdl(gemv16_rows_kernel<M, W, R>, unsigned((N + R - 1) / R), kGemvThreads, 0, x, w, bias,
-             y, N, K);
+             residual, y, N, K);
 }
 
 template <int M, class W>
-void launch_gemv16_warp(const float* x, const W* w, const float* bias, float* y, int64_t N,
-                        int64_t K) {
+void launch_gemv16_warp(const float* x, const W* w, const float* bias, const float* residual,
+                        float* y, int64_t N, int64_t K) {
   launch_pdl(gemv16_kernel<M, W, true>, unsigned((N + kGemvWarps - 1) / kGemvWarps),
-             kGemvWarps * 32, 0, x, w, bias, y, N, K);
+             kGemvWarps * 32, 0, x, w, bias, residual, y, N, K);
+}
+
+// Runs variant v of a product that writes y (+ residual): tuning times each variant into a
+// scratch output without the residual, so timing never adds into the real y twice.
+template <class Run>
+void run_tuned(const TuneKey& key, int variants, int64_t outputs, const float* residual, float* y,
+               const Run& run) {
+  Tensor scratch;
+  const int v = tuned_variant(key, variants, [&](int candidate) {
+    if (residual && !scratch.defined())
+      scratch = Tensor::empty({outputs}, DType::F32, Device::CUDA);
+    run(candidate, nullptr, residual ? scratch.data_mut<float>() : y);
+  });
+  run(v, residual, y);
 }
 
 template <int M, class W>
-void launch_gemv16_vector(const float* x, const W* w, const float* bias, float* y, int64_t N,
-                          int64_t K, int kind) {
+void launch_gemv16_vector(const float* x, const W* w, const float* bias, const float* residual,
+                          float* y, int64_t N, int64_t K, int kind) {
   if constexpr (M == 1) {
-    auto run = [&](int v) {
+    run_tuned(TuneKey{N, K, kind}, 4, N, residual, y, [&](int v, const float* res, float* out) {
       switch (v) {
-        case 0: launch_gemv16_rows<M, W, 4>(x, w, bias, y, N, K); break;
-        case 1: launch_gemv16_rows<M, W, 8>(x, w, bias, y, N, K); break;
-        case 2: launch_gemv16_rows<M, W, 2>(x, w, bias, y, N, K); break;
-        default: launch_gemv16_warp<M, W>(x, w, bias, y, N, K); break;
+        case 0: launch_gemv16_rows<M, W, 4>(x, w, bias, res, out, N, K); break;
+        case 1: launch_gemv16_rows<M, W, 8>(x, w, bias, res, out, N, K); break;
+        case 2: launch_gemv16_rows<M, W, 2>(x, w, bias, res, out, N, K); break;
+        default: launch_gemv16_warp<M, W>(x, w, bias, res, out, N, K); break;
       }
-    };
-    run(tuned_variant(TuneKey{N, K, kind}, 4, run));
+    });
   } else {
-    launch_gemv16_rows<M, W, kGemvRowsPerBlock>(x, w, bias, y, N, K);
+    launch_gemv16_rows<M, W, kGemvRowsPerBlock>(x, w, bias, residual, y, N, K);
   }
 }
 
 template <int M>
-void launch_gemv16(const float* x, const void* w, DType dtype, const float* bias, float* y,
-                   int64_t N, int64_t K) {
+void launch_gemv16(const float* x, const void* w, DType dtype, const float* bias,
+                   const float* residual, float* y, int64_t N, int64_t K) {
   const unsigned blocks = unsigned((N + kGemvWarps - 1) / kGemvWarps);
   const bool vector = K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(w) % 16 == 0;
   const int threads = kGemvWarps * 32;
   if (vector && dtype == DType::BF16) {
-    launch_gemv16_vector<M, __nv_bfloat16>(x, static_cast<const __nv_bfloat16*>(w), bias, y, N,
-                                           K, 16);
+    launch_gemv16_vector<M, __nv_bfloat16>(x, static_cast<const __nv_bfloat16*>(w), bias,
+                                           residual, y, N, K, 16);
     return;
   }
   if (vector && dtype == DType::F16) {
-    launch_gemv16_vector<M, __half>(x, static_cast<const __half*>(w), bias, y, N, K, 17);
+    launch_gemv16_vector<M, __half>(x, static_cast<const __half*>(w), bias, residual, y, N, K, 17);
     return;
   }
 #define MOXIN_GEMV16(W)                                                                       \
   if (vector) {                                                                               \
-    gemv16_kernel<M, W, true>                                                                 \
-        <<<blocks, threads, 0, stream()>>>(x, static_cast<const W*>(w), bias, y, N, K);       \
+    gemv16_kernel<M, W, true><<<blocks, threads, 0, stream()>>>(                              \
+        x, static_cast<const W*>(w), bias, residual, y, N, K);                                \
   } else {                                                                                    \
-    gemv16_kernel<M, W, false>                                                                \
-        <<<blocks, threads, 0, stream()>>>(x, static_cast<const W*>(w), bias, y, N, K);       \
+    gemv16_kernel<M, W, false><<<blocks, threads, 0, stream()>>>(                             \
+        x, static_cast<const W*>(w), bias, residual, y, N, K);                                \
   }
   if (dtype == DType::BF16) {
     MOXIN_GEMV16(__nv_bfloat16)
@@ -577,53 +721,64 @@ void launch_gemv16(const float* x, const void* w, DType dtype, const float* bias
     MOXIN_GEMV16(__half)
   } else {
     // F32 weights: element path (rare; test checkpoints only).
-    gemv16_kernel<M, float, false>
-        <<<blocks, threads, 0, stream()>>>(x, static_cast<const float*>(w), bias, y, N, K);
+    gemv16_kernel<M, float, false><<<blocks, threads, 0, stream()>>>(
+        x, static_cast<const float*>(w), bias, residual, y, N, K);
   }
 #undef MOXIN_GEMV16
   MOXIN_LAUNCH_CHECK();
 }
 
 template <int M, int kBits, int R>
-void launch_gemv_quant_r(const float* x, const QuantizedTensor& q, const float* bias, float* y,
-                         int64_t N, int64_t K) {
+void launch_gemv_quant_r(const float* x, const QuantizedTensor& q, const float* bias,
+                         const float* residual, float* y, int64_t N, int64_t K) {
   const unsigned blocks = unsigned((N + R - 1) / R);
   launch_pdl(gemv_quant_rows_kernel<M, kBits, R>, blocks, kGemvThreads, 0, x,
              q.weight.data<uint32_t>(), q.scales.raw(), q.biases.raw(), q.scales.dtype(),
-             q.group_size, bias, y, N, K);
+             q.group_size, bias, residual, y, N, K);
 }
 
-// Rows per block: as many as keep at least one block per SM (more rows share each activation
-// load and put more weight bytes in flight per thread); several rows of x keep R small so the
-// per-thread registers stay bounded.
+template <int kBits, int R>
+void launch_gemv_quant_warp(const float* x, const QuantizedTensor& q, const float* bias,
+                            const float* residual, float* y, int64_t N, int64_t K) {
+  const int64_t units = (N + R - 1) / R;
+  const unsigned blocks = unsigned((units + kWarpsPerQuantBlock - 1) / kWarpsPerQuantBlock);
+  launch_pdl(gemv_quant_warp_kernel<kBits, R>, blocks, kWarpsPerQuantBlock * 32, 0, x,
+             q.weight.data<uint32_t>(), q.scales.raw(), q.biases.raw(), q.scales.dtype(),
+             q.group_size, bias, residual, y, N, K);
+}
+
 // Rows per block: more rows share each activation load and put more weight bytes in flight
 // per thread, fewer rows give narrow products a block on every SM; single-row products time
-// the choices once per shape. Several rows of x keep R small so registers stay bounded.
+// the choices once per shape (0-3 block per rows, 4-6 warp per rows). Several rows of x keep
+// R small so registers stay bounded.
 template <int M, int kBits>
-void launch_gemv_quant_bits(const float* x, const QuantizedTensor& q, const float* bias, float* y,
-                            int64_t N, int64_t K) {
+void launch_gemv_quant_bits(const float* x, const QuantizedTensor& q, const float* bias,
+                            const float* residual, float* y, int64_t N, int64_t K) {
   if constexpr (M == 1) {
-    auto run = [&](int v) {
-      switch (v) {
-        case 0: launch_gemv_quant_r<M, kBits, 4>(x, q, bias, y, N, K); break;
-        case 1: launch_gemv_quant_r<M, kBits, 8>(x, q, bias, y, N, K); break;
-        case 2: launch_gemv_quant_r<M, kBits, 16>(x, q, bias, y, N, K); break;
-        default: launch_gemv_quant_r<M, kBits, 2>(x, q, bias, y, N, K); break;
-      }
-    };
-    run(tuned_variant(TuneKey{N, K, kBits * 100 + q.group_size}, 4, run));
+    run_tuned(TuneKey{N, K, kBits * 100 + q.group_size}, 7, N, residual, y,
+              [&](int v, const float* res, float* out) {
+                switch (v) {
+                  case 0: launch_gemv_quant_r<M, kBits, 4>(x, q, bias, res, out, N, K); break;
+                  case 1: launch_gemv_quant_r<M, kBits, 8>(x, q, bias, res, out, N, K); break;
+                  case 2: launch_gemv_quant_r<M, kBits, 16>(x, q, bias, res, out, N, K); break;
+                  case 3: launch_gemv_quant_r<M, kBits, 2>(x, q, bias, res, out, N, K); break;
+                  case 4: launch_gemv_quant_warp<kBits, 4>(x, q, bias, res, out, N, K); break;
+                  case 5: launch_gemv_quant_warp<kBits, 8>(x, q, bias, res, out, N, K); break;
+                  default: launch_gemv_quant_warp<kBits, 2>(x, q, bias, res, out, N, K); break;
+                }
+              });
   } else {
-    launch_gemv_quant_r<M, kBits, kGemvRowsPerBlock>(x, q, bias, y, N, K);
+    launch_gemv_quant_r<M, kBits, kGemvRowsPerBlock>(x, q, bias, residual, y, N, K);
   }
 }
 
 template <int M>
-void launch_gemv_quant(const float* x, const QuantizedTensor& q, const float* bias, float* y,
-                       int64_t N, int64_t K) {
+void launch_gemv_quant(const float* x, const QuantizedTensor& q, const float* bias,
+                       const float* residual, float* y, int64_t N, int64_t K) {
   if (q.bits == 4) {
-    launch_gemv_quant_bits<M, 4>(x, q, bias, y, N, K);
+    launch_gemv_quant_bits<M, 4>(x, q, bias, residual, y, N, K);
   } else {
-    launch_gemv_quant_bits<M, 8>(x, q, bias, y, N, K);
+    launch_gemv_quant_bits<M, 8>(x, q, bias, residual, y, N, K);
   }
 }
 
@@ -705,9 +860,14 @@ __device__ __forceinline__ float silu_times(float g, float u) { return g / (1.0f
 
 // kBits 0: 16-bit weights W; 4 / 8: MLX codes. kGated: segments 0 (gate) and 1 (up) share the
 // block, R rows each, and segment 0's y receives silu(gate) * up.
+// norm_weight (optional): the products take rms_norm(x) * norm_weight instead of x. Every block
+// reads all of x anyway, so it also sums x^2 on the way and scales its dot products by
+// 1 / sqrt(mean(x^2) + eps) at the end (the norm is linear in x once that factor is known):
+// no separate normalisation kernel and no normalised copy of x.
 template <class W, int kBits, int R, bool kGated>
 __global__ void __launch_bounds__(kGemvThreads)
-    gemv_multi_kernel(const float* __restrict__ x, GemvSegments segs, int64_t K) {
+    gemv_multi_kernel(const float* __restrict__ x, GemvSegments segs, int64_t K,
+                      const float* __restrict__ norm_weight, float norm_eps) {
   constexpr int RT = kGated ? 2 * R : R;
   constexpr int kPerChunk = kBits ? 128 / kBits : 8;
   const int si = kGated ? 0 : segment_of(segs);
@@ -730,9 +890,9 @@ __global__ void __launch_bounds__(kGemvThreads)
       prefetch_l2(static_cast<const uint4*>(base[r]) + row[r] * chunks + threadIdx.x);
   pdl_wait();
   pdl_trigger();
-  float acc[RT];
+  float acc[RT + 1];  // the last slot: sum of x^2 for the norm
 #pragma unroll
-  for (int r = 0; r < RT; ++r) acc[r] = 0.0f;
+  for (int r = 0; r <= RT; ++r) acc[r] = 0.0f;
   for (int64_t c = threadIdx.x; c < chunks; c += kGemvThreads) {
     uint4 raw[RT];
 #pragma unroll
@@ -743,7 +903,12 @@ __global__ void __launch_bounds__(kGemvThreads)
     float xs = 0.0f;
 #pragma unroll
     for (int v = 0; v < kPerChunk / 4; ++v) {
-      const float4 a = xr[v];
+      float4 a = xr[v];
+      if (norm_weight) {
+        acc[RT] += (a.x * a.x + a.y * a.y) + (a.z * a.z + a.w * a.w);
+        const float4 g = reinterpret_cast<const float4*>(norm_weight + c * kPerChunk)[v];
+        a = make_float4(a.x * g.x, a.y * g.y, a.z * g.z, a.w * g.w);
+      }
       xv[4 * v] = a.x;
       xv[4 * v + 1] = a.y;
       xv[4 * v + 2] = a.z;
@@ -769,17 +934,69 @@ __global__ void __launch_bounds__(kGemvThreads)
       }
     }
   }
-  __shared__ float total[RT];
-  block_reduce_rows<RT>(acc, total);
+  __shared__ float total[RT + 1];
+  block_reduce_rows<RT + 1>(acc, total);
   if (threadIdx.x < R) {
     const int64_t n = n0 + threadIdx.x;
     if (n < N) {
-      const float a = total[threadIdx.x] + (s0.bias ? s0.bias[n] : 0.0f);
+      const float scale = norm_weight ? 1.0f / sqrtf(total[RT] / float(K) + norm_eps) : 1.0f;
+      const float a = total[threadIdx.x] * scale + (s0.bias ? s0.bias[n] : 0.0f);
       if constexpr (kGated) {
-        s0.y[n] = silu_times(a, total[R + threadIdx.x] + (s1.bias ? s1.bias[n] : 0.0f));
+        s0.y[n] =
+            silu_times(a, total[R + threadIdx.x] * scale + (s1.bias ? s1.bias[n] : 0.0f));
       } else {
         s0.y[n] = a;
       }
+    }
+  }
+}
+
+// The fused launch for quantized layers with the warp-per-rows layout of
+// gemv_quant_warp_kernel: a warp owns R rows of one segment (R gate and R up rows when gated).
+template <int kBits, int R, bool kGated>
+__global__ void __launch_bounds__(kWarpsPerQuantBlock * 32)
+    gemv_multi_quant_warp_kernel(const float* __restrict__ x, GemvSegments segs, int64_t K,
+                                 const float* __restrict__ norm_weight, float norm_eps) {
+  constexpr int RT = kGated ? 2 * R : R;
+  constexpr int kPerChunk = 128 / kBits;
+  const int64_t unit = int64_t(blockIdx.x) * kWarpsPerQuantBlock + threadIdx.x / 32;
+  int si = 0;
+  if (!kGated) {
+    if (segs.count > 1 && unit >= segs.seg[1].first_block) si = 1;
+    if (segs.count > 2 && unit >= segs.seg[2].first_block) si = 2;
+  }
+  const GemvSegment& s0 = segs.seg[si];
+  const GemvSegment& s1 = segs.seg[kGated ? 1 : si];
+  const int64_t N = s0.N;
+  const int64_t n0 = (unit - s0.first_block) * R;  // units past the last segment get n0 >= N
+  const int64_t chunks = K / kPerChunk, groups = K / segs.group_size;
+  QuantRow rows[RT];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    const GemvSegment& seg = (kGated && r >= R) ? s1 : s0;
+    const int64_t n = n0 + r % R < N ? n0 + r % R : N - 1;
+    rows[r].codes = static_cast<const uint4*>(seg.w) + n * chunks;
+    rows[r].scales = param_row(seg.scales, segs.param_dtype, n * groups);
+    rows[r].biases = param_row(seg.biases, segs.param_dtype, n * groups);
+    if (n0 < N && threadIdx.x % 32 < chunks) prefetch_l2(rows[r].codes + threadIdx.x % 32);
+  }
+  pdl_wait();
+  pdl_trigger();
+  if (n0 >= N) return;
+  float acc[RT], sum_sq;
+  warp_quant_dots<kBits, RT>(x, norm_weight, K, segs.group_size, segs.param_dtype, rows, acc,
+                             sum_sq);
+  const float scale = norm_weight ? 1.0f / sqrtf(sum_sq / float(K) + norm_eps) : 1.0f;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r;
+    if (lane != r || n >= N) continue;
+    const float a = acc[r] * scale + (s0.bias ? s0.bias[n] : 0.0f);
+    if constexpr (kGated) {
+      s0.y[n] = silu_times(a, acc[R + r] * scale + (s1.bias ? s1.bias[n] : 0.0f));
+    } else {
+      s0.y[n] = a;
     }
   }
 }
@@ -839,7 +1056,7 @@ GemvSegments make_segments(const std::vector<const Linear*>& layers, const std::
 
 template <int kBits, int R, bool kGated>
 void launch_multi(const float* x, const std::vector<const Linear*>& layers,
-                  const std::vector<float*>& ys, int64_t K) {
+                  const std::vector<float*>& ys, int64_t K, const RMSNorm* norm) {
   const GemvSegments s = make_segments(layers, ys, R, kGated);
   int64_t blocks = 0;
   if (kGated) {
@@ -848,22 +1065,46 @@ void launch_multi(const float* x, const std::vector<const Linear*>& layers,
     for (int i = 0; i < s.count; ++i) blocks += (s.seg[i].N + R - 1) / R;
   }
   launch_pdl(gemv_multi_kernel<__nv_bfloat16, kBits, R, kGated>, unsigned(blocks), kGemvThreads,
-             0, x, s, K);
+             0, x, s, K, norm ? norm->weight.data<float>() : nullptr, norm ? norm->eps : 0.0f);
 }
 
+template <int kBits, int R, bool kGated>
+void launch_multi_warp(const float* x, const std::vector<const Linear*>& layers,
+                       const std::vector<float*>& ys, int64_t K, const RMSNorm* norm) {
+  const GemvSegments s = make_segments(layers, ys, R, kGated);
+  int64_t units = 0;
+  if (kGated) {
+    units = (s.seg[0].N + R - 1) / R;
+  } else {
+    for (int i = 0; i < s.count; ++i) units += (s.seg[i].N + R - 1) / R;
+  }
+  const int64_t blocks = (units + kWarpsPerQuantBlock - 1) / kWarpsPerQuantBlock;
+  launch_pdl(gemv_multi_quant_warp_kernel<kBits, R, kGated>, unsigned(blocks),
+             kWarpsPerQuantBlock * 32, 0, x, s, K, norm ? norm->weight.data<float>() : nullptr,
+             norm ? norm->eps : 0.0f);
+}
+
+// Variants 0-2: block per rows (every format); 3-5: warp per rows (4/8-bit only).
 template <int kBits, bool kGated>
 void launch_multi_tuned(const float* x, const std::vector<const Linear*>& layers,
-                        const std::vector<float*>& ys, int64_t K) {
+                        const std::vector<float*>& ys, int64_t K, const RMSNorm* norm) {
   int64_t total = 0;
   for (const Linear* l : layers) total += l->out_features();
   auto run = [&](int v) {
     switch (v) {
-      case 0: launch_multi<kBits, 4, kGated>(x, layers, ys, K); break;
-      case 1: launch_multi<kBits, 8, kGated>(x, layers, ys, K); break;
-      default: launch_multi<kBits, 2, kGated>(x, layers, ys, K); break;
+      case 0: launch_multi<kBits, 4, kGated>(x, layers, ys, K, norm); break;
+      case 1: launch_multi<kBits, 8, kGated>(x, layers, ys, K, norm); break;
+      case 2: launch_multi<kBits, 2, kGated>(x, layers, ys, K, norm); break;
+      default:
+        if constexpr (kBits != 0) {
+          if (v == 3) launch_multi_warp<kBits, 4, kGated>(x, layers, ys, K, norm);
+          else if (v == 4) launch_multi_warp<kBits, 2, kGated>(x, layers, ys, K, norm);
+          else launch_multi_warp<kBits, kGated ? 1 : 8, kGated>(x, layers, ys, K, norm);
+        }
+        break;
     }
   };
-  run(tuned_variant(TuneKey{total, K, 1000 * (kGated ? 2 : 1) + kBits}, 3, run));
+  run(tuned_variant(TuneKey{total, K, 1000 * (kGated ? 2 : 1) + kBits}, kBits ? 6 : 3, run));
 }
 
 // Diagnostics: MOXIN_CUDA_QUANT_PATH=gemv|dense forces one product path for quantized layers
@@ -884,7 +1125,11 @@ QuantPath quant_path() {
 
 void set_gemv_variant_for_testing(int variant) { forced_variant.store(variant); }
 
-Tensor linear(const Tensor& x, const Linear& layer) {
+namespace {
+
+// y = x W^T + bias, or y += x W^T + bias when `accumulate` (y then already has the output
+// shape): decode products add into y in their epilogue, larger ones through a temporary.
+void linear_into(const Tensor& x, const Linear& layer, Tensor& y, bool accumulate) {
   if (!x.defined() || x.dtype() != DType::F32 || x.device() != Device::CUDA)
     throw_error(ErrorKind::Compute, "linear: activations must be float32 on the GPU");
   const QuantizedTensor* q = layer.quantized.get();
@@ -905,11 +1150,26 @@ Tensor linear(const Tensor& x, const Linear& layer) {
   }
   Shape out_shape = x.shape();
   out_shape.back() = N;
-  Tensor y = Tensor::empty(out_shape, DType::F32, Device::CUDA);
+  if (accumulate) {
+    if (!y.defined() || y.shape() != out_shape || y.dtype() != DType::F32 ||
+        y.device() != Device::CUDA)
+      throw_error(ErrorKind::Compute, "linear: accumulator must be float32 " +
+                                          shape_to_string(out_shape) + " on the GPU");
+  } else {
+    y = Tensor::empty(out_shape, DType::F32, Device::CUDA);
+  }
   const int64_t M = x.numel() / K;
-  if (M == 0 || N == 0) return y;
+  if (M == 0 || N == 0) return;
   const float* xp = x.data<float>();
   float* yp = y.data_mut<float>();
+  const float* residual = accumulate ? yp : nullptr;
+  // The cuBLASLt paths write a fresh product; accumulation then adds it.
+  Tensor product;
+  float* gemm_out = yp;
+  if (accumulate && !(M <= kGemvMaxRows)) {
+    product = Tensor::empty(out_shape, DType::F32, Device::CUDA);
+    gemm_out = product.data_mut<float>();
+  }
 
   if (q) {
     if (q->scales.device() != Device::CUDA || q->biases.device() != Device::CUDA)
@@ -920,9 +1180,14 @@ Tensor linear(const Tensor& x, const Linear& layer) {
     if (use_gemv && fast_bits && reinterpret_cast<uintptr_t>(xp) % 16 == 0) {
       for (int64_t m0 = 0; m0 < M; m0 += kGemvMaxRows) {
         const int64_t rows = std::min<int64_t>(kGemvMaxRows, M - m0);
-        dispatch_rows<GemvQuant>(rows, xp + m0 * K, *q, bias, yp + m0 * N, N, K);
+        dispatch_rows<GemvQuant>(rows, xp + m0 * K, *q, bias,
+                                 residual ? residual + m0 * N : nullptr, yp + m0 * N, N, K);
       }
-      return y;
+      return;
+    }
+    if (accumulate && !product.defined()) {
+      product = Tensor::empty(out_shape, DType::F32, Device::CUDA);
+      gemm_out = product.data_mut<float>();
     }
     if (capturing())
       throw_error(ErrorKind::Compute, "linear: this quantized layer cannot run in a decode graph");
@@ -946,8 +1211,9 @@ Tensor linear(const Tensor& x, const Linear& layer) {
     }
     MOXIN_LAUNCH_CHECK();
     const Tensor xb = narrowed<__nv_bfloat16>(x, DType::BF16);
-    gemm(dense.raw(), xb.raw(), CUDA_R_16BF, M, N, K, bias, yp);
-    return y;
+    gemm(dense.raw(), xb.raw(), CUDA_R_16BF, M, N, K, bias, gemm_out);
+    if (accumulate) add_inplace(y, product);
+    return;
   }
 
   const DType wt = layer.weight.dtype();
@@ -955,37 +1221,63 @@ Tensor linear(const Tensor& x, const Linear& layer) {
     throw_error(ErrorKind::Compute, "linear: weights of dtype " + std::string(dtype_name(wt)) +
                                         " are not supported on CUDA");
   if (M <= kGemvMaxRows) {
-    dispatch_rows<Gemv16>(M, xp, layer.weight.raw(), wt, bias, yp, N, K);
-    return y;
+    dispatch_rows<Gemv16>(M, xp, layer.weight.raw(), wt, bias, residual, yp, N, K);
+    return;
   }
   if (capturing())
     throw_error(ErrorKind::Compute, "linear: a decode graph records one token at a time");
   if (wt == DType::F32) {
-    gemm(layer.weight.raw(), xp, CUDA_R_32F, M, N, K, bias, yp);
+    gemm(layer.weight.raw(), xp, CUDA_R_32F, M, N, K, bias, gemm_out);
   } else if (wt == DType::BF16) {
     const Tensor xb = narrowed<__nv_bfloat16>(x, DType::BF16);
-    gemm(layer.weight.raw(), xb.raw(), CUDA_R_16BF, M, N, K, bias, yp);
+    gemm(layer.weight.raw(), xb.raw(), CUDA_R_16BF, M, N, K, bias, gemm_out);
   } else {
     const Tensor xh = narrowed<__half>(x, DType::F16);
-    gemm(layer.weight.raw(), xh.raw(), CUDA_R_16F, M, N, K, bias, yp);
+    gemm(layer.weight.raw(), xh.raw(), CUDA_R_16F, M, N, K, bias, gemm_out);
   }
+  if (accumulate) add_inplace(y, product);
+}
+
+}  // namespace
+
+Tensor linear(const Tensor& x, const Linear& layer) {
+  Tensor y;
+  linear_into(x, layer, y, false);
   return y;
 }
 
-std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const Linear*>& layers) {
+void linear_accumulate(Tensor& y, const Tensor& x, const Linear& layer) {
+  linear_into(x, layer, y, true);
+}
+
+namespace {
+
+// The norm weight a fused launch can read in its prologue, or false.
+bool norm_fusable(const RMSNorm* norm, int64_t K) {
+  return !norm || (norm->weight.device() == Device::CUDA && norm->weight.dtype() == DType::F32 &&
+                   norm->weight.numel() == K &&
+                   reinterpret_cast<uintptr_t>(norm->weight.raw()) % 16 == 0);
+}
+
+std::vector<Tensor> separate_products(const Tensor& x, const std::vector<const Linear*>& layers,
+                                      const RMSNorm* norm) {
+  const Tensor h = norm ? rms_norm(x, *norm) : x;
+  std::vector<Tensor> out;
+  for (const Linear* l : layers) out.push_back(linear(h, *l));
+  return out;
+}
+
+}  // namespace
+
+std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const Linear*>& layers,
+                                      const RMSNorm* norm) {
   if (layers.empty() || layers.size() > 3 || !x.defined() || x.dtype() != DType::F32 ||
-      x.device() != Device::CUDA || x.ndim() == 0 || x.numel() != x.dim(-1)) {
-    std::vector<Tensor> out;
-    for (const Linear* l : layers) out.push_back(linear(x, *l));
-    return out;
-  }
+      x.device() != Device::CUDA || x.ndim() == 0 || x.numel() != x.dim(-1))
+    return separate_products(x, layers, norm);
   const int64_t K = x.dim(-1);
   int bits = 0;
-  if (!fusable(x.data<float>(), layers, K, &bits)) {
-    std::vector<Tensor> out;
-    for (const Linear* l : layers) out.push_back(linear(x, *l));
-    return out;
-  }
+  if (!fusable(x.data<float>(), layers, K, &bits) || !norm_fusable(norm, K))
+    return separate_products(x, layers, norm);
   std::vector<Tensor> out;
   std::vector<float*> ys;
   for (const Linear* l : layers) {
@@ -998,23 +1290,25 @@ std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const L
     ys.push_back(out.back().data_mut<float>());
   }
   if (bits == 4) {
-    launch_multi_tuned<4, false>(x.data<float>(), layers, ys, K);
+    launch_multi_tuned<4, false>(x.data<float>(), layers, ys, K, norm);
   } else if (bits == 8) {
-    launch_multi_tuned<8, false>(x.data<float>(), layers, ys, K);
+    launch_multi_tuned<8, false>(x.data<float>(), layers, ys, K, norm);
   } else {
-    launch_multi_tuned<0, false>(x.data<float>(), layers, ys, K);
+    launch_multi_tuned<0, false>(x.data<float>(), layers, ys, K, norm);
   }
   return out;
 }
 
-Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up) {
+Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up, const RMSNorm* norm) {
   const std::vector<const Linear*> layers = {&gate, &up};
   int bits = 0;
   const bool single_row = x.defined() && x.dtype() == DType::F32 &&
                           x.device() == Device::CUDA && x.ndim() > 0 && x.numel() == x.dim(-1);
   if (!single_row || gate.out_features() != up.out_features() ||
-      !fusable(x.data<float>(), layers, x.dim(-1), &bits))
-    return silu_mul(linear(x, gate), linear(x, up));
+      !fusable(x.data<float>(), layers, x.dim(-1), &bits) || !norm_fusable(norm, x.dim(-1))) {
+    const Tensor h = norm ? rms_norm(x, *norm) : x;
+    return silu_mul(linear(h, gate), linear(h, up));
+  }
   const int64_t K = x.dim(-1);
   if (gate.in_features() != K || up.in_features() != K)
     throw_error(ErrorKind::Compute, "swiglu: input " + shape_to_string(x.shape()) +
@@ -1024,11 +1318,11 @@ Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up) {
   Tensor y = Tensor::empty(shape, DType::F32, Device::CUDA);
   const std::vector<float*> ys = {y.data_mut<float>(), nullptr};
   if (bits == 4) {
-    launch_multi_tuned<4, true>(x.data<float>(), layers, ys, K);
+    launch_multi_tuned<4, true>(x.data<float>(), layers, ys, K, norm);
   } else if (bits == 8) {
-    launch_multi_tuned<8, true>(x.data<float>(), layers, ys, K);
+    launch_multi_tuned<8, true>(x.data<float>(), layers, ys, K, norm);
   } else {
-    launch_multi_tuned<0, true>(x.data<float>(), layers, ys, K);
+    launch_multi_tuned<0, true>(x.data<float>(), layers, ys, K, norm);
   }
   return y;
 }

@@ -1,6 +1,7 @@
 // The ops of src/ops/ops.h on the GPU, except linear (cuda_linear.cu): element-wise work,
 // norms, rotary embedding, shape plumbing and attention. Float32 activations throughout.
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <map>
@@ -187,9 +188,11 @@ __global__ void patchify_kernel(const float* __restrict__ images, int64_t B, int
   }
 }
 
-// Rotate-half RoPE on x [B, L, H, Dh] at positions offset (+ delta) + l.
+// Rotate-half RoPE on x [B, L, H, Dh] at positions offset (+ delta) + l, or, for a ragged
+// batch (`starts` set, I32 [B]), at starts[b] + l.
 __global__ void rope_kernel(float* x, int64_t B, int64_t L, int64_t H, int64_t Dh, int64_t offset,
-                            const int* delta, const float* __restrict__ inv_freqs) {
+                            const int* delta, const int* __restrict__ starts,
+                            const float* __restrict__ inv_freqs) {
   pdl_wait();
   pdl_trigger();
   const int64_t half = Dh / 2, n = B * L * H * half;
@@ -198,13 +201,30 @@ __global__ void rope_kernel(float* x, int64_t B, int64_t L, int64_t H, int64_t D
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t f = i % half, row = i / half;  // row = (b * L + l) * H + h
     const int64_t l = (row / H) % L;
-    const float angle = float(base + l) * inv_freqs[f];
+    const int64_t pos = starts ? int64_t(starts[row / (H * L)]) + l : base + l;
+    const float angle = float(pos) * inv_freqs[f];
     float s, c;
     sincosf(angle, &s, &c);
     float* v = x + row * Dh;
     const float a = v[f], b = v[f + half];
     v[f] = a * c - b * s;
     v[f + half] = b * c + a * s;
+  }
+}
+
+// dst [B, H, capacity, D][b, h, at[b] + l] = src [B, H, L, D][b, h, l]: the ragged KV append.
+__global__ void write_positions_ragged_kernel(const float* __restrict__ src,
+                                              float* __restrict__ dst, int64_t B, int64_t H,
+                                              int64_t L, int64_t D, int64_t capacity,
+                                              const int* __restrict__ at) {
+  pdl_wait();
+  pdl_trigger();
+  const int64_t n = B * H * L * D;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t d = i % D, row = i / D;  // row = (b * H + h) * L + l
+    const int64_t l = row % L, bh = row / L;
+    dst[(bh * capacity + at[bh / H] + l) * D + d] = src[i];
   }
 }
 
@@ -223,6 +243,9 @@ struct AttnArgs {
   int64_t q_offset, window;
   float scale;
   const int* delta;  // added to q_offset and Lk (recorded decode steps)
+  // Ragged batches: batch b's queries start at q_starts[b] (I32, device) and see keys
+  // [0, q_starts[b] + Lq); q_offset and Lk then only bound the launch (Lk: the longest).
+  const int* q_starts;
 };
 
 // Flash-style attention, float32 on the CUDA cores: a block of 128 threads takes 16 query rows
@@ -245,7 +268,8 @@ __global__ void __launch_bounds__(128) flash_attention_kernel(AttnArgs a) {
   const bool valid_row = row < a.Lq;
   const int Dh = int(a.Dh), chunks = (Dh + kFlashParts - 1) / kFlashParts;
   const int64_t shift = delta_of(a.delta);
-  const int64_t q_offset = a.q_offset + shift, Lk = a.Lk + shift;
+  const int64_t q_offset = a.q_starts ? int64_t(a.q_starts[b]) : a.q_offset + shift;
+  const int64_t Lk = a.q_starts ? q_offset + a.Lq : a.Lk + shift;
   const float kLog2e = 1.4426950408889634f;
 
   float q[kChunks], acc[kChunks];
@@ -345,7 +369,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
   const int64_t g = h / (a.Hq / a.Hkv);
   const int Dh = int(a.Dh);
   const int64_t shift = delta_of(a.delta);
-  const int64_t Lk = a.Lk + shift, pos = a.q_offset + shift;  // Lq == 1
+  const int64_t pos = a.q_starts ? int64_t(a.q_starts[b]) : a.q_offset + shift;  // Lq == 1
+  const int64_t Lk = a.q_starts ? pos + 1 : a.Lk + shift;
   const float kLog2e = 1.4426950408889634f;
   float q[4], acc[4];
   const float* qrow = a.q + b * a.q_batch + h * Dh;
@@ -713,7 +738,8 @@ void rope_inplace(Tensor& x, int64_t offset, float theta) {
   const int64_t n = B * L * H * (Dh / 2);
   if (n == 0) return;
   launch_pdl(rope_kernel, blocks_for(n, kThreads), kThreads, 0, x.data_mut<float>(), B, L, H, Dh,
-             offset, position_delta(), inv_freq_table(Dh, theta));
+             offset, position_delta(), static_cast<const int*>(nullptr),
+             inv_freq_table(Dh, theta));
   MOXIN_LAUNCH_CHECK();
 }
 
@@ -758,6 +784,116 @@ void write_positions(Tensor& dst, const Tensor& src, int64_t at) {
   // In a recorded decode step the position moves with every replay: shift by delta rows.
   copy_rows(src.data<float>(), L * D, dst.data_mut<float>() + at * D, dst.dim(2) * D, B * H, L * D,
             position_delta(), D);
+}
+
+// --------------------------------------------------------------------------------------------
+// Ragged batches
+
+namespace {
+
+// The device copy of per-sequence positions for a batch of B sequences of L rows below
+// `limit`, checked on the host; uploaded into `holder` when the caller made none.
+const int* ragged_positions(const BatchPositions& p, int64_t B, int64_t L, int64_t limit,
+                            Tensor& holder, const char* op) {
+  if (position_delta())
+    throw_error(ErrorKind::Compute, std::string(op) +
+                                        ": a recorded decode step has one sequence at one position");
+  if (p.size() != B)
+    throw_error(ErrorKind::Compute, std::string(op) + ": " + std::to_string(p.size()) +
+                                        " positions for a batch of " + std::to_string(B));
+  for (const int64_t at : p.host)
+    if (at < 0 || at + L > limit || at > INT32_MAX)
+      throw_error(ErrorKind::Compute, std::string(op) + ": position " + std::to_string(at) +
+                                          " + " + std::to_string(L) + " rows outside [0, " +
+                                          std::to_string(limit) + "]");
+  if (p.device.defined()) {
+    if (p.device.device() != Device::CUDA || p.device.dtype() != DType::I32 ||
+        p.device.numel() != B)
+      throw_error(ErrorKind::Compute, std::string(op) + ": device positions must be I32 [B] on "
+                                                        "the GPU");
+    return p.device.data<int32_t>();
+  }
+  Tensor host = Tensor::empty({B}, DType::I32);
+  for (int64_t b = 0; b < B; ++b) host.data_mut<int32_t>()[b] = int32_t(p.host[size_t(b)]);
+  holder = host.to_device(Device::CUDA);
+  return holder.data<int32_t>();
+}
+
+}  // namespace
+
+Tensor causal_attention(const Tensor& q, const CachedKV& kv, const BatchPositions& start,
+                        int64_t window) {
+  require_f32_cuda(q, "causal_attention");
+  require_f32_cuda(kv.keys, "causal_attention");
+  require_f32_cuda(kv.values, "causal_attention");
+  if (q.ndim() != 4 || kv.keys.ndim() != 4 || kv.keys.shape() != kv.values.shape())
+    throw_error(ErrorKind::Compute, "causal_attention: bad shapes");
+  const int64_t B = q.dim(0), Lq = q.dim(1), Hq = q.dim(2), Dh = q.dim(3);
+  const int64_t Hkv = kv.keys.dim(1), capacity = kv.keys.dim(2);
+  if (kv.keys.dim(0) != B || kv.keys.dim(3) != Dh || kv.length > capacity)
+    throw_error(ErrorKind::Compute, "causal_attention: queries " + shape_to_string(q.shape()) +
+                                        " do not match the cache " +
+                                        shape_to_string(kv.keys.shape()));
+  Tensor holder;
+  const int* starts = ragged_positions(start, B, Lq, kv.length, holder, "causal_attention");
+  Tensor out = Tensor::empty({B, Lq, Hq * Dh}, DType::F32, Device::CUDA);
+  AttnArgs a{};
+  a.q = q.data<float>();
+  a.k = kv.keys.data<float>();
+  a.v = kv.values.data<float>();
+  a.out = out.data_mut<float>();
+  a.Lq = Lq;
+  a.Lk = kv.length;
+  a.Hq = Hq;
+  a.Hkv = Hkv;
+  a.Dh = Dh;
+  a.q_row = Hq * Dh;
+  a.kv_row = Dh;
+  a.kv_head = capacity * Dh;
+  a.out_row = Hq * Dh;
+  a.q_batch = Lq * Hq * Dh;
+  a.kv_batch = Hkv * capacity * Dh;
+  a.out_batch = Lq * Hq * Dh;
+  a.causal = true;
+  a.q_offset = 0;
+  a.window = window;
+  a.scale = 1.0f / std::sqrt(float(Dh));
+  a.q_starts = starts;
+  launch_attention(a, B, capacity);
+  return out;
+}
+
+void rope_inplace(Tensor& x, const BatchPositions& start, float theta) {
+  require_f32_cuda(x, "rope");
+  if (x.ndim() != 4 || x.dim(3) % 2 != 0)
+    throw_error(ErrorKind::Compute, "rope: expected [B, L, H, Dh] with even Dh, got " +
+                                        shape_to_string(x.shape()));
+  const int64_t B = x.dim(0), L = x.dim(1), H = x.dim(2), Dh = x.dim(3);
+  Tensor holder;
+  const int* starts = ragged_positions(start, B, L, INT32_MAX, holder, "rope");
+  const int64_t n = B * L * H * (Dh / 2);
+  if (n == 0) return;
+  launch_pdl(rope_kernel, blocks_for(n, kThreads), kThreads, 0, x.data_mut<float>(), B, L, H, Dh,
+             int64_t(0), static_cast<const int*>(nullptr), starts, inv_freq_table(Dh, theta));
+  MOXIN_LAUNCH_CHECK();
+}
+
+void write_positions(Tensor& dst, const Tensor& src, const BatchPositions& at) {
+  require_f32_cuda(dst, "write_positions");
+  require_f32_cuda(src, "write_positions");
+  if (src.ndim() != 4 || dst.ndim() != 4)
+    throw_error(ErrorKind::Compute, "write_positions: expected [B, H, L, D] tensors");
+  const int64_t B = src.dim(0), H = src.dim(1), L = src.dim(2), D = src.dim(3);
+  if (dst.dim(0) != B || dst.dim(1) != H || dst.dim(3) != D)
+    throw_error(ErrorKind::Compute, "write_positions: " + shape_to_string(src.shape()) +
+                                        " into " + shape_to_string(dst.shape()));
+  Tensor holder;
+  const int* positions = ragged_positions(at, B, L, dst.dim(2), holder, "write_positions");
+  const int64_t n = src.numel();
+  if (n == 0) return;
+  launch_pdl(write_positions_ragged_kernel, blocks_for(n, kThreads), kThreads, 0,
+             src.data<float>(), dst.data_mut<float>(), B, H, L, D, dst.dim(2), positions);
+  MOXIN_LAUNCH_CHECK();
 }
 
 Tensor to_f32(const Tensor& t) {

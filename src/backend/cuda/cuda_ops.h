@@ -11,8 +11,10 @@
 namespace moxin::cuda {
 
 Tensor linear(const Tensor& x, const Linear& layer);
-std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const Linear*>& layers);
-Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up);
+void linear_accumulate(Tensor& y, const Tensor& x, const Linear& layer);
+std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const Linear*>& layers,
+                                      const RMSNorm* norm);
+Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up, const RMSNorm* norm);
 Tensor layer_norm(const Tensor& x, const LayerNorm& norm);
 Tensor rms_norm(const Tensor& x, const RMSNorm& norm);
 void gelu_inplace(Tensor& x);
@@ -31,10 +33,17 @@ void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_str
                int64_t row_len, const int* delta = nullptr, int64_t delta_stride = 0);
 Tensor patchify(const Tensor& images, int64_t patch);
 void write_positions(Tensor& dst, const Tensor& src, int64_t at);
+// Ragged batches (ops.h): per-sequence positions, read on the device from start.device (I32
+// [B]; uploaded here when undefined). Not for recorded decode steps, which are batch 1.
+Tensor causal_attention(const Tensor& q, const CachedKV& kv, const BatchPositions& start,
+                        int64_t window);
+void rope_inplace(Tensor& x, const BatchPositions& start, float theta);
+void write_positions(Tensor& dst, const Tensor& src, const BatchPositions& at);
 Tensor to_f32(const Tensor& t);
 
 // Single-row products pick their kernel variant by timing once per shape; tests force each
-// variant in turn (0..3) and restore tuning with -1.
+// variant in turn (0..6 for quantized products, fewer for 16-bit ones: larger indices pick the
+// last) and restore tuning with -1.
 void set_gemv_variant_for_testing(int variant);
 
 }  // namespace moxin::cuda
