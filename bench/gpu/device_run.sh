@@ -4,8 +4,9 @@
 # test checkpoints and the full-size checkpoint in the background, run the CUDA tests, then
 # the benchmark. Logs go to $OUT (or ./gpu-out).
 #
-# Usage (from the repository root): bench/gpu/device_run.sh [tests|bench|all|check|profile]
-#        [BUILD_DIR]   (profile: tests, then Nsight Compute on the 4-bit decode products)
+# Usage (from the repository root): bench/gpu/device_run.sh [tests|bench|all|check|profile|final]
+#        [BUILD_DIR]   (profile: tests, then Nsight Compute on the 4-bit decode products;
+#        final: tests and the benchmark without the full-checkpoint diagnostics)
 set -uo pipefail
 what="${1:-all}"
 build="${2:-build-cuda2}"
@@ -29,7 +30,7 @@ if [[ $what != tests ]]; then
     (python3 reference/make_checkpoints.py --variant full --out /tmp/moxin-full \
        >/tmp/gen_full.log 2>&1; echo "full: rc=$?" >>/tmp/gen_full.log) &
 fi
-if [[ $what == tests || $what == all || $what == profile ]]; then
+if [[ $what == tests || $what == all || $what == profile || $what == final ]]; then
   for v in tiny-hf tiny-native tiny-f32 real-towers; do
     (python3 reference/make_checkpoints.py --variant "$v" --out "tests/fixtures/checkpoints/$v" \
        >"/tmp/gen_$v.log" 2>&1) &

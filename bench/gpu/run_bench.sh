@@ -24,9 +24,11 @@ fi
 summary() {
   python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items() if k in ('vision_ms','ttft_ms','prefill_ms','decode_tok_s','decode_eager_tok_s','decode_fraction_of_roofline','host_us_per_token','peak_gpu_mem_gb','peak_gpu_mem_over_weights_kv_gb','gpu_copy_bandwidth_gbs','first_tokens','decode_roofline_tok_s','weights_on_gpu_gb','batch','decode_tok_s_aggregate','decode_batch_steps','batch_prefill_ms')})" "$1" 2>&1 | cut -c1-900
 }
-# bf16_nopdl: the same run with programmatic dependent launch off (MOXIN_CUDA_PDL=0), to
-# measure what overlapping kernel launches gives.
-for name in bf16 q8 q4 bf16_nopdl; do
+# bf16_nopdl (with MOXIN_BENCH_PDL_COMPARE=1): the same run with programmatic dependent launch
+# off (MOXIN_CUDA_PDL=0), to measure what overlapping kernel launches gives.
+formats=(bf16 q8 q4)
+[[ ${MOXIN_BENCH_PDL_COMPARE:-0} == 1 ]] && formats+=(bf16_nopdl)
+for name in "${formats[@]}"; do
   args=(bench --model "$ckpt" --device cuda --prompt-tokens 24 --decode-tokens 128)
   env=()
   case $name in

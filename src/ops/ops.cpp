@@ -225,6 +225,12 @@ void rope_inplace(Tensor& x, int64_t offset, float theta) {
   cpu::rope_inplace(x.data_mut<float>(), B * L, H, Dh, positions.data(), theta);
 }
 
+void rope_inplace_pair(Tensor& q, Tensor& k, int64_t offset, float theta) {
+  DISPATCH_CUDA(q, rope_inplace_pair(q, k, offset, theta));
+  rope_inplace(q, offset, theta);
+  rope_inplace(k, offset, theta);
+}
+
 namespace {
 
 // Positions for a batch of B sequences of L rows that must fit below `limit`.
@@ -471,6 +477,13 @@ void write_positions(Tensor& dst, const Tensor& src, int64_t at) {
                                         std::to_string(at) + " into " + shape_to_string(dst.shape()));
   cpu::copy_rows(src.data<float>(), L * D, dst.data_mut<float>() + at * D, dst.dim(2) * D, B * H,
                  L * D);
+}
+
+void write_positions_pair(Tensor& keys, const Tensor& new_keys, Tensor& values,
+                          const Tensor& new_values, int64_t at) {
+  DISPATCH_CUDA(keys, write_positions_pair(keys, new_keys, values, new_values, at));
+  write_positions(keys, new_keys, at);
+  write_positions(values, new_values, at);
 }
 
 }  // namespace moxin::ops

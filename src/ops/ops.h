@@ -42,8 +42,13 @@ Tensor self_attention_qkv(const Tensor& qkv, int64_t heads);
 Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window);
 // In place on x [B, L, H, Dh]: rotate-half RoPE at positions offset..offset+L-1.
 void rope_inplace(Tensor& x, int64_t offset, float theta);
+// The same on queries [B, L, Hq, Dh] and keys [B, L, Hkv, Dh] (one launch on a GPU).
+void rope_inplace_pair(Tensor& q, Tensor& k, int64_t offset, float theta);
 // dst [B, H, capacity, D][:, :, at : at + L] = src [B, H, L, D] (the KV cache append)
 void write_positions(Tensor& dst, const Tensor& src, int64_t at);
+// Both halves of a KV append (keys and values of one geometry) at once (one launch on a GPU).
+void write_positions_pair(Tensor& keys, const Tensor& new_keys, Tensor& values,
+                          const Tensor& new_values, int64_t at);
 
 // Ragged batches: the same three ops with a position per sequence (moxin/kv_cache.h says how
 // right-padded batches use them). Sequence b's row l sits at position start.host[b] + l.

@@ -186,8 +186,7 @@ CachedKV KVCache::update_and_fetch(const Tensor& keys, const Tensor& values) {
     return update_and_fetch_ragged(keys, values, uniform_append(offsets_, keys.dim(2)));
   const int64_t needed = offset_ + keys.dim(2);
   prepare(keys, needed);
-  ops::write_positions(keys_, keys, offset_);
-  ops::write_positions(values_, values, offset_);
+  ops::write_positions_pair(keys_, keys, values_, values, offset_);
   offset_ = needed;
   return {keys_, values_, offset_};
 }

@@ -354,7 +354,30 @@ TEST(CudaOps, RopeMatchesCpu) {
       // The same float angles on both sides (inv_freq comes from the host); what remains is
       // sincosf against glibc (a few ulp).
       expect_close(g, c, 2e-5, "rope offset=" + std::to_string(offset));
+      // Queries and keys (different head counts) in one launch.
+      const Tensor k = random_tensor({2, 33, 5, Dh}, uint32_t(offset + Dh + 1));
+      Tensor gq = gpu(x).clone(), gk = gpu(k).clone(), ck = k.clone();
+      ops::rope_inplace_pair(gq, gk, offset, 10000.0f);
+      ops::rope_inplace(ck, offset, 10000.0f);
+      expect_close(gq, c, 2e-5, "rope pair q offset=" + std::to_string(offset));
+      expect_close(gk, ck, 2e-5, "rope pair k offset=" + std::to_string(offset));
     }
+  }
+}
+
+// A KV append of keys and values in one launch, at a position inside a larger cache.
+TEST(CudaOps, PairedKvWriteMatchesCpu) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  for (int64_t L : {1, 7}) {
+    const Tensor keys = random_tensor({2, 3, 40, 72}, uint32_t(L)),
+                 values = random_tensor({2, 3, 40, 72}, uint32_t(L + 10));
+    const Tensor nk = random_tensor({2, 3, L, 72}, uint32_t(L + 20)),
+                 nv = random_tensor({2, 3, L, 72}, uint32_t(L + 30));
+    Tensor ck = keys.clone(), cv = values.clone(), gk = gpu(keys), gv = gpu(values);
+    ops::write_positions_pair(ck, nk, cv, nv, 31);
+    ops::write_positions_pair(gk, gpu(nk), gv, gpu(nv), 31);
+    expect_close(gk, ck, 0.0, "paired KV write keys L=" + std::to_string(L));
+    expect_close(gv, cv, 0.0, "paired KV write values L=" + std::to_string(L));
   }
 }
 

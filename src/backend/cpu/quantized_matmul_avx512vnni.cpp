@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "backend/cpu/quantized_matmul.h"
+#include "moxin/dtype.h"
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vnni"))), \
@@ -76,6 +77,26 @@ bool prepare(const float* x, int64_t M, int64_t in, int group_size, float* out) 
   return true;
 }
 
+// One row's group scales or biases as float32, 16 at a time (the generic loader costs about a
+// tenth of a 4-bit decode step when called per row).
+void load_param_row(const void* base, DType dtype, int64_t row, int64_t groups, float* out) {
+  int64_t g = 0;
+  if (dtype == DType::F32) {
+    const float* src = static_cast<const float*>(base) + row * groups;
+    for (; g < groups; ++g) out[g] = src[g];
+    return;
+  }
+  const uint16_t* src = static_cast<const uint16_t*>(base) + row * groups;
+  for (; g + 16 <= groups; g += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + g));
+    const __m512 v = dtype == DType::BF16
+                         ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                         : _mm512_cvtph_ps(h);
+    _mm512_storeu_ps(out + g, v);
+  }
+  for (; g < groups; ++g) out[g] = dtype == DType::BF16 ? bf16_to_f32(src[g]) : f16_to_f32(src[g]);
+}
+
 // Rows [r0, r1), R at a time (R independent streams of packed bytes keep more memory requests
 // in flight, and every x vector loaded serves R rows).
 template <int kBits, int M, int R>
@@ -87,10 +108,14 @@ void decode_rows(const QuantView& w, const float* x_prep, const float* bias, flo
   const int64_t stride = prep_floats(w.in, w.groups);
   const int shift = __builtin_ctz(unsigned(w.group_size));
   const __m512i low_nibbles = _mm512_set1_epi16(0x0f);
+  const DType param_dtype = w.tensor->scales.dtype();
+  const void* scale_base = w.tensor->scales.raw();
+  const void* bias_base = w.tensor->biases.raw();
   for (int64_t r = r0; r + R <= r1; r += R) {
     const uint8_t* rows[R];
     for (int i = 0; i < R; ++i) {
-      load_params(w, r + i, scales.data() + i * w.groups, biases.data() + i * w.groups);
+      load_param_row(scale_base, param_dtype, r + i, w.groups, scales.data() + i * w.groups);
+      load_param_row(bias_base, param_dtype, r + i, w.groups, biases.data() + i * w.groups);
       rows[i] = w.packed + (r + i) * w.row_bytes;
       for (int m = 0; m < M; ++m) {
         const float* steps = x_prep + m * stride + w.in / 2;
@@ -101,7 +126,14 @@ void decode_rows(const QuantView& w, const float* x_prep, const float* bias, flo
     __m512 acc[R][M];
     for (auto& row_acc : acc)
       for (int m = 0; m < M; ++m) row_acc[m] = _mm512_setzero_ps();
+    // The next R rows stream in while these are computed: R interleaved row streams (plus
+    // the parameter arrays) are more than the hardware prefetcher follows well on its own.
+    const bool prefetch_next = r + 2 * R <= r1;
     for (int64_t b = 0; b < w.in; b += kBlock) {
+      if (prefetch_next && (b * kBits / 8) % 64 == 0)
+        for (int i = 0; i < R; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(rows[i] + R * w.row_bytes + b * kBits / 8),
+                       _MM_HINT_T1);
       __m512i lo[R], hi[R];
       for (int i = 0; i < R; ++i) {
         const __m512i words = _mm512_cvtepu8_epi16(

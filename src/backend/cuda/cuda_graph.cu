@@ -100,8 +100,7 @@ CachedKV StaticKVCache::update_and_fetch(const Tensor& keys, const Tensor& value
   if (offset_ + keys.dim(2) > capacity_)
     throw_error(ErrorKind::Request, "KV cache capacity of " + std::to_string(capacity_) +
                                         " positions exceeded");
-  ops::write_positions(keys_, keys, offset_);
-  ops::write_positions(values_, values, offset_);
+  ops::write_positions_pair(keys_, keys, values_, values, offset_);
   offset_ += keys.dim(2);
   return {keys_, values_, offset_};
 }

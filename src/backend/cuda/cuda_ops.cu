@@ -134,29 +134,41 @@ __global__ void embedding_kernel(const Id* __restrict__ ids, const void* __restr
     out[blockIdx.x * D + d] = load_f32(table, dtype, id * D + d);
 }
 
-// dst row r (+ delta * delta_stride) = src row r (stride 0 repeats one row).
+// dst row r (+ delta * delta_stride) = src row r (stride 0 repeats one row); with src2/dst2,
+// the same copy of a second pair of the same geometry in the same launch (keys and values).
 __global__ void copy_rows_kernel(const float* __restrict__ src, int64_t src_stride,
                                  float* __restrict__ dst, int64_t dst_stride, int64_t rows,
-                                 int64_t row_len, const int* delta, int64_t delta_stride) {
+                                 int64_t row_len, const int* delta, int64_t delta_stride,
+                                 const float* __restrict__ src2, float* __restrict__ dst2) {
   pdl_wait();
   pdl_trigger();
   const int64_t shift = int64_t(delta_of(delta)) * delta_stride;
-  const int64_t n = rows * row_len;
+  const int64_t per_pair = rows * row_len, n = src2 ? 2 * per_pair : per_pair;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / row_len, c = i % row_len;
-    dst[r * dst_stride + shift + c] = src[r * src_stride + c];
+    const bool second = i >= per_pair;
+    const int64_t j = second ? i - per_pair : i;
+    const int64_t r = j / row_len, c = j % row_len;
+    (second ? dst2 : dst)[r * dst_stride + shift + c] = (second ? src2 : src)[r * src_stride + c];
   }
+}
+
+void launch_copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride,
+                      int64_t rows, int64_t row_len, const int* delta, int64_t delta_stride,
+                      const float* src2, float* dst2) {
+  const int64_t n = rows * row_len * (src2 ? 2 : 1);
+  if (n == 0) return;
+  launch_pdl(copy_rows_kernel, blocks_for(n, kThreads), kThreads, 0, src, src_stride, dst,
+             dst_stride, rows, row_len, delta, delta_stride, src2, dst2);
+  MOXIN_LAUNCH_CHECK();
 }
 
 }  // namespace
 
 void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows,
                int64_t row_len, const int* delta, int64_t delta_stride) {
-  if (rows * row_len == 0) return;
-  launch_pdl(copy_rows_kernel, blocks_for(rows * row_len, kThreads), kThreads, 0, src,
-             src_stride, dst, dst_stride, rows, row_len, delta, delta_stride);
-  MOXIN_LAUNCH_CHECK();
+  launch_copy_rows(src, src_stride, dst, dst_stride, rows, row_len, delta, delta_stride, nullptr,
+                   nullptr);
 }
 
 namespace {
@@ -189,23 +201,26 @@ __global__ void patchify_kernel(const float* __restrict__ images, int64_t B, int
 }
 
 // Rotate-half RoPE on x [B, L, H, Dh] at positions offset (+ delta) + l, or, for a ragged
-// batch (`starts` set, I32 [B]), at starts[b] + l.
+// batch (`starts` set, I32 [B]), at starts[b] + l. x2 [B, L, H2, Dh] (queries and keys in one
+// launch) is rotated the same way when given.
 __global__ void rope_kernel(float* x, int64_t B, int64_t L, int64_t H, int64_t Dh, int64_t offset,
                             const int* delta, const int* __restrict__ starts,
-                            const float* __restrict__ inv_freqs) {
+                            const float* __restrict__ inv_freqs, float* x2, int64_t H2) {
   pdl_wait();
   pdl_trigger();
-  const int64_t half = Dh / 2, n = B * L * H * half;
+  const int64_t heads = H + H2;  // per position, x's then x2's
+  const int64_t half = Dh / 2, n = B * L * heads * half;
   const int64_t base = offset + delta_of(delta);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t f = i % half, row = i / half;  // row = (b * L + l) * H + h
-    const int64_t l = (row / H) % L;
-    const int64_t pos = starts ? int64_t(starts[row / (H * L)]) + l : base + l;
+    const int64_t f = i % half, row = i / half;  // row = (b * L + l) * heads + h
+    const int64_t position_row = row / heads, h = row % heads;  // position_row = b * L + l
+    const int64_t l = position_row % L;
+    const int64_t pos = starts ? int64_t(starts[position_row / L]) + l : base + l;
     const float angle = float(pos) * inv_freqs[f];
     float s, c;
     sincosf(angle, &s, &c);
-    float* v = x + row * Dh;
+    float* v = h < H ? x + (position_row * H + h) * Dh : x2 + (position_row * H2 + h - H) * Dh;
     const float a = v[f], b = v[f + half];
     v[f] = a * c - b * s;
     v[f + half] = b * c + a * s;
@@ -739,7 +754,24 @@ void rope_inplace(Tensor& x, int64_t offset, float theta) {
   if (n == 0) return;
   launch_pdl(rope_kernel, blocks_for(n, kThreads), kThreads, 0, x.data_mut<float>(), B, L, H, Dh,
              offset, position_delta(), static_cast<const int*>(nullptr),
-             inv_freq_table(Dh, theta));
+             inv_freq_table(Dh, theta), static_cast<float*>(nullptr), int64_t(0));
+  MOXIN_LAUNCH_CHECK();
+}
+
+void rope_inplace_pair(Tensor& q, Tensor& k, int64_t offset, float theta) {
+  require_f32_cuda(q, "rope");
+  require_f32_cuda(k, "rope");
+  if (q.ndim() != 4 || k.ndim() != 4 || q.dim(3) % 2 != 0 || q.dim(0) != k.dim(0) ||
+      q.dim(1) != k.dim(1) || q.dim(3) != k.dim(3))
+    throw_error(ErrorKind::Compute, "rope: expected [B, L, H, Dh] queries and keys with even Dh, "
+                                    "got " + shape_to_string(q.shape()) + " and " +
+                                        shape_to_string(k.shape()));
+  const int64_t B = q.dim(0), L = q.dim(1), Dh = q.dim(3);
+  const int64_t n = B * L * (q.dim(2) + k.dim(2)) * (Dh / 2);
+  if (n == 0) return;
+  launch_pdl(rope_kernel, blocks_for(n, kThreads), kThreads, 0, q.data_mut<float>(), B, L,
+             q.dim(2), Dh, offset, position_delta(), static_cast<const int*>(nullptr),
+             inv_freq_table(Dh, theta), k.data_mut<float>(), k.dim(2));
   MOXIN_LAUNCH_CHECK();
 }
 
@@ -784,6 +816,24 @@ void write_positions(Tensor& dst, const Tensor& src, int64_t at) {
   // In a recorded decode step the position moves with every replay: shift by delta rows.
   copy_rows(src.data<float>(), L * D, dst.data_mut<float>() + at * D, dst.dim(2) * D, B * H, L * D,
             position_delta(), D);
+}
+
+void write_positions_pair(Tensor& dst, const Tensor& src, Tensor& dst2, const Tensor& src2,
+                          int64_t at) {
+  require_f32_cuda(dst, "write_positions");
+  require_f32_cuda(src, "write_positions");
+  require_f32_cuda(dst2, "write_positions");
+  require_f32_cuda(src2, "write_positions");
+  if (src.ndim() != 4 || dst.ndim() != 4 || src2.shape() != src.shape() ||
+      dst2.shape() != dst.shape())
+    throw_error(ErrorKind::Compute, "write_positions: expected two pairs of [B, H, L, D] tensors "
+                                    "of one geometry");
+  const int64_t B = src.dim(0), H = src.dim(1), L = src.dim(2), D = src.dim(3);
+  if (dst.dim(0) != B || dst.dim(1) != H || dst.dim(3) != D || at < 0 || at + L > dst.dim(2))
+    throw_error(ErrorKind::Compute, "write_positions: " + shape_to_string(src.shape()) + " at " +
+                                        std::to_string(at) + " into " + shape_to_string(dst.shape()));
+  launch_copy_rows(src.data<float>(), L * D, dst.data_mut<float>() + at * D, dst.dim(2) * D, B * H,
+                   L * D, position_delta(), D, src2.data<float>(), dst2.data_mut<float>() + at * D);
 }
 
 // --------------------------------------------------------------------------------------------
@@ -874,7 +924,8 @@ void rope_inplace(Tensor& x, const BatchPositions& start, float theta) {
   const int64_t n = B * L * H * (Dh / 2);
   if (n == 0) return;
   launch_pdl(rope_kernel, blocks_for(n, kThreads), kThreads, 0, x.data_mut<float>(), B, L, H, Dh,
-             int64_t(0), static_cast<const int*>(nullptr), starts, inv_freq_table(Dh, theta));
+             int64_t(0), static_cast<const int*>(nullptr), starts, inv_freq_table(Dh, theta),
+             static_cast<float*>(nullptr), int64_t(0));
   MOXIN_LAUNCH_CHECK();
 }
 

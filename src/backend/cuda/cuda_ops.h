@@ -25,6 +25,7 @@ Tensor embedding(const Tensor& ids, const Tensor& table);
 Tensor self_attention_qkv(const Tensor& qkv, int64_t heads);
 Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window);
 void rope_inplace(Tensor& x, int64_t offset, float theta);
+void rope_inplace_pair(Tensor& q, Tensor& k, int64_t offset, float theta);
 Tensor heads_first(const Tensor& x);
 // `rows` rows of `row_len` floats, device to device (src stride 0 repeats one row); with
 // `delta`, dst is shifted by *delta * delta_stride, read on the device (recorded decode steps).
@@ -33,6 +34,8 @@ void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_str
                int64_t row_len, const int* delta = nullptr, int64_t delta_stride = 0);
 Tensor patchify(const Tensor& images, int64_t patch);
 void write_positions(Tensor& dst, const Tensor& src, int64_t at);
+void write_positions_pair(Tensor& dst, const Tensor& src, Tensor& dst2, const Tensor& src2,
+                          int64_t at);
 // Ragged batches (ops.h): per-sequence positions, read on the device from start.device (I32
 // [B]; uploaded here when undefined). Not for recorded decode steps, which are batch 1.
 Tensor causal_attention(const Tensor& q, const CachedKV& kv, const BatchPositions& start,
