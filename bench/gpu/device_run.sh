@@ -4,9 +4,10 @@
 # test checkpoints and the full-size checkpoint in the background, run the CUDA tests, then
 # the benchmark. Logs go to $OUT (or ./gpu-out).
 #
-# Usage (from the repository root): bench/gpu/device_run.sh [tests|bench|all|check|profile|final]
+# Usage (from the repository root): bench/gpu/device_run.sh [tests|bench|all|check|profile|final|pdl]
 #        [BUILD_DIR]   (profile: tests, then Nsight Compute on the 4-bit decode products;
-#        final: tests and the benchmark without the full-checkpoint diagnostics)
+#        final: tests and the benchmark without the full-checkpoint diagnostics;
+#        pdl: tests, decode with and without PDL in the graph, prefill kernel times)
 set -uo pipefail
 what="${1:-all}"
 build="${2:-build-cuda2}"
@@ -30,7 +31,7 @@ if [[ $what != tests ]]; then
     (python3 reference/make_checkpoints.py --variant full --out /tmp/moxin-full \
        >/tmp/gen_full.log 2>&1; echo "full: rc=$?" >>/tmp/gen_full.log) &
 fi
-if [[ $what == tests || $what == all || $what == profile || $what == final ]]; then
+if [[ $what == tests || $what == all || $what == profile || $what == final || $what == pdl ]]; then
   for v in tiny-hf tiny-native tiny-f32 real-towers; do
     (python3 reference/make_checkpoints.py --variant "$v" --out "tests/fixtures/checkpoints/$v" \
        >"/tmp/gen_$v.log" 2>&1) &
@@ -63,6 +64,27 @@ if [[ $what != tests ]]; then
     pack
   fi
   [[ $what == check ]] && exit 0
+  if [[ $what == pdl ]]; then
+    # Decode with programmatic dependent launch inside the recorded graph, against without, in
+    # one call; then per-kernel times of one prefill (Nsight Compute summary).
+    for run in "bf16 0" "bf16 1" "4 0" "4 1" "bf16 0" "bf16 1"; do
+      set -- $run
+      quant=(); [[ $1 != bf16 ]] && quant=(--quantize $1 --group-size 64)
+      echo "== $1 bits, MOXIN_CUDA_PDL_GRAPH=$2"
+      MOXIN_CUDA_PDL_GRAPH=$2 timeout 200 "$dist/moxin-vlm" bench --model /tmp/moxin-full \
+        --device cuda --prompt-tokens 24 --decode-tokens 128 "${quant[@]}" \
+        >"$out/pdl_$1_$2.json" 2>>"$out/pdl.err"
+      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d[k] for k in ('decode_tok_s','decode_fraction_of_roofline','ttft_ms')})" "$out/pdl_$1_$2.json"
+    done
+    pack
+    echo "== ncu: kernel times of vision + prefill (bf16)"
+    timeout 300 ncu --section LaunchStats --launch-count 1500 --print-summary per-kernel \
+      "$dist/moxin-vlm" bench --model /tmp/moxin-full --device cuda --prompt-tokens 24 \
+      --decode-tokens 1 >"$out/ncu_prefill.txt" 2>&1
+    echo "ncu rc=$?"
+    pack
+    exit 0
+  fi
   if [[ $what == profile ]]; then
     for bits in 16 4; do
       quant=(); [[ $bits != 16 ]] && quant=(--quantize $bits --group-size 64)

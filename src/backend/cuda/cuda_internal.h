@@ -64,6 +64,9 @@ void add_other_bytes(std::ptrdiff_t bytes);
 // predecessor wrote or writes anything at all; pdl_trigger() lets the next kernel start early.
 // On older GPUs both are no-ops and the attribute is not set. MOXIN_CUDA_PDL=0 turns it off.
 bool pdl_enabled();
+// Whether launches recorded into a decode graph carry the attribute too (MOXIN_CUDA_PDL_GRAPH=1;
+// off by default, see launch_pdl).
+bool pdl_in_graphs();
 
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -93,7 +96,7 @@ void launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t sme
   config.attrs = attribute;
   // Only for launches from the host: in a recorded decode step the overlap measured slower
   // (H200: 172.5 vs 177.7 tok/s bf16), while eager decoding gains (165 vs 153 tok/s).
-  config.numAttrs = pdl_enabled() && !capturing() ? 1 : 0;
+  config.numAttrs = pdl_enabled() && (!capturing() || pdl_in_graphs()) ? 1 : 0;
   MOXIN_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 

@@ -113,6 +113,13 @@ bool pdl_enabled() {
   }();
   return enabled;
 }
+bool pdl_in_graphs() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("MOXIN_CUDA_PDL_GRAPH");
+    return v && v[0] == '1';
+  }();
+  return enabled;
+}
 cublasLtHandle_t cublaslt() { return runtime().lt_; }
 void* cublaslt_workspace(size_t* bytes) {
   *bytes = runtime().workspace_bytes_;
