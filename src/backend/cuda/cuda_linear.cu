@@ -824,6 +824,7 @@ struct GemvSegment {
 struct GemvSegments {
   GemvSegment seg[3];
   int count = 0;
+  int64_t units = 0;  // groups of rows_per_block rows over all segments (gate/up: one segment's)
   DType param_dtype = DType::BF16;
   int group_size = 64;
 };
@@ -1051,6 +1052,7 @@ GemvSegments make_segments(const std::vector<const Linear*>& layers, const std::
     g.first_block = gated ? 0 : block;
     block += (g.N + rows_per_block - 1) / rows_per_block;
   }
+  s.units = gated ? (s.seg[0].N + rows_per_block - 1) / rows_per_block : block;
   return s;
 }
 
@@ -1058,13 +1060,7 @@ template <int kBits, int R, bool kGated>
 void launch_multi(const float* x, const std::vector<const Linear*>& layers,
                   const std::vector<float*>& ys, int64_t K, const RMSNorm* norm) {
   const GemvSegments s = make_segments(layers, ys, R, kGated);
-  int64_t blocks = 0;
-  if (kGated) {
-    blocks = (s.seg[0].N + R - 1) / R;
-  } else {
-    for (int i = 0; i < s.count; ++i) blocks += (s.seg[i].N + R - 1) / R;
-  }
-  launch_pdl(gemv_multi_kernel<__nv_bfloat16, kBits, R, kGated>, unsigned(blocks), kGemvThreads,
+  launch_pdl(gemv_multi_kernel<__nv_bfloat16, kBits, R, kGated>, unsigned(s.units), kGemvThreads,
              0, x, s, K, norm ? norm->weight.data<float>() : nullptr, norm ? norm->eps : 0.0f);
 }
 
@@ -1072,13 +1068,7 @@ template <int kBits, int R, bool kGated>
 void launch_multi_warp(const float* x, const std::vector<const Linear*>& layers,
                        const std::vector<float*>& ys, int64_t K, const RMSNorm* norm) {
   const GemvSegments s = make_segments(layers, ys, R, kGated);
-  int64_t units = 0;
-  if (kGated) {
-    units = (s.seg[0].N + R - 1) / R;
-  } else {
-    for (int i = 0; i < s.count; ++i) units += (s.seg[i].N + R - 1) / R;
-  }
-  const int64_t blocks = (units + kWarpsPerQuantBlock - 1) / kWarpsPerQuantBlock;
+  const int64_t blocks = (s.units + kWarpsPerQuantBlock - 1) / kWarpsPerQuantBlock;
   launch_pdl(gemv_multi_quant_warp_kernel<kBits, R, kGated>, unsigned(blocks),
              kWarpsPerQuantBlock * 32, 0, x, s, K, norm ? norm->weight.data<float>() : nullptr,
              norm ? norm->eps : 0.0f);

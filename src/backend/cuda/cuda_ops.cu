@@ -704,20 +704,13 @@ Tensor self_attention_qkv(const Tensor& qkv, int64_t heads) {
   return out;
 }
 
-Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window) {
-  require_f32_cuda(q, "causal_attention");
-  require_f32_cuda(kv.keys, "causal_attention");
-  require_f32_cuda(kv.values, "causal_attention");
-  if (q.ndim() != 4 || kv.keys.ndim() != 4 || kv.keys.shape() != kv.values.shape())
-    throw_error(ErrorKind::Compute, "causal_attention: bad shapes");
-  const int64_t B = q.dim(0), Lq = q.dim(1), Hq = q.dim(2), Dh = q.dim(3);
+namespace {
+
+// Causal attention of q [B, Lq, Hq, Dh] over a cache's history (keys/values [B, Hkv, capacity,
+// Dh], kv.length valid) into out [B, Lq, Hq * Dh]; the caller sets where the queries stand.
+AttnArgs cached_attention_args(const Tensor& q, const CachedKV& kv, Tensor& out, int64_t window) {
+  const int64_t Lq = q.dim(1), Hq = q.dim(2), Dh = q.dim(3);
   const int64_t Hkv = kv.keys.dim(1), capacity = kv.keys.dim(2);
-  if (kv.keys.dim(0) != B || kv.keys.dim(3) != Dh || kv.length > capacity ||
-      kv.length != q_offset + Lq)
-    throw_error(ErrorKind::Compute, "causal_attention: queries " + shape_to_string(q.shape()) +
-                                        " do not match the cache " +
-                                        shape_to_string(kv.keys.shape()));
-  Tensor out = Tensor::empty({B, Lq, Hq * Dh}, DType::F32, Device::CUDA);
   AttnArgs a{};
   a.q = q.data<float>();
   a.k = kv.keys.data<float>();
@@ -736,9 +729,29 @@ Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, i
   a.kv_batch = Hkv * capacity * Dh;
   a.out_batch = Lq * Hq * Dh;
   a.causal = true;
-  a.q_offset = q_offset;
   a.window = window;
   a.scale = 1.0f / std::sqrt(float(Dh));
+  return a;
+}
+
+}  // namespace
+
+Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window) {
+  require_f32_cuda(q, "causal_attention");
+  require_f32_cuda(kv.keys, "causal_attention");
+  require_f32_cuda(kv.values, "causal_attention");
+  if (q.ndim() != 4 || kv.keys.ndim() != 4 || kv.keys.shape() != kv.values.shape())
+    throw_error(ErrorKind::Compute, "causal_attention: bad shapes");
+  const int64_t B = q.dim(0), Lq = q.dim(1), Hq = q.dim(2), Dh = q.dim(3);
+  const int64_t Hkv = kv.keys.dim(1), capacity = kv.keys.dim(2);
+  if (kv.keys.dim(0) != B || kv.keys.dim(3) != Dh || kv.length > capacity ||
+      kv.length != q_offset + Lq)
+    throw_error(ErrorKind::Compute, "causal_attention: queries " + shape_to_string(q.shape()) +
+                                        " do not match the cache " +
+                                        shape_to_string(kv.keys.shape()));
+  Tensor out = Tensor::empty({B, Lq, Hq * Dh}, DType::F32, Device::CUDA);
+  AttnArgs a = cached_attention_args(q, kv, out, window);
+  a.q_offset = q_offset;
   a.delta = position_delta();
   launch_attention(a, B, capacity);
   return out;
@@ -887,27 +900,7 @@ Tensor causal_attention(const Tensor& q, const CachedKV& kv, const BatchPosition
   Tensor holder;
   const int* starts = ragged_positions(start, B, Lq, kv.length, holder, "causal_attention");
   Tensor out = Tensor::empty({B, Lq, Hq * Dh}, DType::F32, Device::CUDA);
-  AttnArgs a{};
-  a.q = q.data<float>();
-  a.k = kv.keys.data<float>();
-  a.v = kv.values.data<float>();
-  a.out = out.data_mut<float>();
-  a.Lq = Lq;
-  a.Lk = kv.length;
-  a.Hq = Hq;
-  a.Hkv = Hkv;
-  a.Dh = Dh;
-  a.q_row = Hq * Dh;
-  a.kv_row = Dh;
-  a.kv_head = capacity * Dh;
-  a.out_row = Hq * Dh;
-  a.q_batch = Lq * Hq * Dh;
-  a.kv_batch = Hkv * capacity * Dh;
-  a.out_batch = Lq * Hq * Dh;
-  a.causal = true;
-  a.q_offset = 0;
-  a.window = window;
-  a.scale = 1.0f / std::sqrt(float(Dh));
+  AttnArgs a = cached_attention_args(q, kv, out, window);
   a.q_starts = starts;
   launch_attention(a, B, capacity);
   return out;
