@@ -99,8 +99,8 @@ class KVCache final : public KeyValueCache {
   void prepare(const Tensor& keys, int64_t needed);  // buffers of keys' geometry, `needed` room
   void grow(const Tensor& like, int64_t needed);  // room for `needed` positions, on like's device
   int64_t step_;
-  Tensor keys_, values_;  // [B, n_kv_heads, capacity, head_dim]
-  int64_t offset_ = 0;    // the largest of offsets_ while they differ
+  Tensor keys_, values_;          // [B, n_kv_heads, capacity, head_dim]
+  int64_t offset_ = 0;            // the largest of offsets_ while they differ
   std::vector<int64_t> offsets_;  // per sequence while they differ, else empty
   int64_t capacity_ = 0;
 };

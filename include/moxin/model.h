@@ -18,7 +18,6 @@ namespace moxin {
 
 struct QuantizedTensor;  // moxin/quantize.h
 
-
 // y = x W^T + b. `weight` [out, in] stays in its stored dtype; when `quantized` is set it holds
 // the MLX-packed form instead and `weight` is empty.
 struct Linear {
@@ -71,7 +70,7 @@ class ViTEncoder {
   Tensor reg_token;    // [1, R, D] or undefined
   Tensor pos_embed;    // [1, num_patches, D], added to patches before prefix tokens are prepended
   std::vector<ViTBlock> blocks;
-  LayerNorm norm;      // loaded for completeness; the reference's features skip it
+  LayerNorm norm;  // loaded for completeness; the reference's features skip it
 
   // images [B, H, W, 3] float32, normalised -> patch features [B, num_patches, D], the output
   // of block depth-2 with prefix tokens dropped.
@@ -134,16 +133,16 @@ struct DecoderLayer {
 // What load_model found, for `moxin-vlm inspect` and diagnostics.
 struct CheckpointLayout {
   std::filesystem::path directory;
-  std::vector<std::string> files;            // safetensors files read
+  std::vector<std::string> files;  // safetensors files read
   bool sharded = false;
   bool config_found = false;
   std::string dino_prefix, siglip_prefix, projector_prefix, decoder_prefix;
-  std::string projector_naming;              // "fc1/fc2/fc3" or "0/2/4"
-  std::string attention_naming;              // "fused qkv" or "split q/k/v"
-  std::string layer_scale_naming;            // "scale_factor" or "gamma"
+  std::string projector_naming;    // "fc1/fc2/fc3" or "0/2/4"
+  std::string attention_naming;    // "fused qkv" or "split q/k/v"
+  std::string layer_scale_naming;  // "scale_factor" or "gamma"
   bool tied_embeddings = false;
   std::map<std::string, int64_t> parameters_by_dtype;  // "BF16" -> count
-  std::vector<std::string> ignored;          // tensors present but not used by the VLM
+  std::vector<std::string> ignored;                    // tensors present but not used by the VLM
 };
 
 class MoxinVLM {
@@ -179,8 +178,9 @@ class MoxinVLM {
   Tensor decode_token(const Tensor& token, KVCacheList& cache);
 
   // Stages, exposed for parity tests and for reusing an image's encoding.
-  Tensor encode_image(const Tensor& dino_image, const Tensor& siglip_image) const;  // [B, N, hidden]
-  Tensor embed(const Tensor& input_ids) const;                                       // [B, L, hidden]
+  Tensor encode_image(const Tensor& dino_image,
+                      const Tensor& siglip_image) const;  // [B, N, hidden]
+  Tensor embed(const Tensor& input_ids) const;            // [B, L, hidden]
   // Runs the decoder on embeddings [B, L, hidden] at positions cache offset.. and returns logits
   // for the last `last_n` positions (all when < 0).
   Tensor forward_embeddings(const Tensor& embeddings, KVCacheList& cache, int64_t last_n = -1);

@@ -29,7 +29,7 @@ Tensor decoder_layer_forward(const DecoderLayer& layer, const Tensor& x_in, KeyV
   Tensor q = qkv[0].reshape({B, L, Hq, Dh});
   Tensor k = qkv[1].reshape({B, L, Hkv, Dh});
   Tensor v = qkv[2].reshape({B, L, Hkv, Dh});
-  Tensor attn;  // [B, L, Hq*Dh]
+  Tensor attn;   // [B, L, Hq*Dh]
   if (ragged) {  // each sequence at its own position, attending over its own history
     ops::rope_inplace(q, ragged->at, config.rope_theta);
     ops::rope_inplace(k, ragged->at, config.rope_theta);
@@ -59,10 +59,13 @@ void check_ids(const Tensor& ids, const char* what) {
 }  // namespace
 
 Tensor MoxinVLM::encode_image(const Tensor& dino_image, const Tensor& siglip_image) const {
-  if (dino_image.ndim() != 4 || siglip_image.ndim() != 4 || dino_image.dim(0) != siglip_image.dim(0))
-    throw_error(ErrorKind::Request, "dino and siglip images must both be [B, H, W, 3] with the "
-                                    "same B, got " + shape_to_string(dino_image.shape()) + " and " +
-                                    shape_to_string(siglip_image.shape()));
+  if (dino_image.ndim() != 4 || siglip_image.ndim() != 4 ||
+      dino_image.dim(0) != siglip_image.dim(0))
+    throw_error(ErrorKind::Request,
+                "dino and siglip images must both be [B, H, W, 3] with the "
+                "same B, got " +
+                    shape_to_string(dino_image.shape()) + " and " +
+                    shape_to_string(siglip_image.shape()));
   Tensor a = dino.forward(dino_image.to_device(device()));      // [B, N, Dd]
   Tensor b = siglip.forward(siglip_image.to_device(device()));  // [B, N, Ds]
   if (b.dim(1) != a.dim(1))
@@ -99,10 +102,10 @@ Tensor run_decoder(MoxinVLM& model, const Tensor& embeddings, KVCacheList& cache
   if (cache.empty()) cache = model.make_cache();
   if (cache.size() != model.layers.size())
     throw_error(ErrorKind::Request, "KV cache has " + std::to_string(cache.size()) +
-                                        " layers, the model " + std::to_string(model.layers.size()));
+                                        " layers, the model " +
+                                        std::to_string(model.layers.size()));
   const int64_t B = embeddings.dim(0), L = embeddings.dim(1);
-  if (!cache[0])
-    throw_error(ErrorKind::Request, "KV caches of different layers are out of step");
+  if (!cache[0]) throw_error(ErrorKind::Request, "KV caches of different layers are out of step");
   const int64_t offset = cache[0]->offset();
   const std::vector<int64_t> starts = cache[0]->offsets();
   for (const auto& layer_cache : cache)
@@ -153,10 +156,11 @@ Tensor fuse_inputs(MoxinVLM& model, const Tensor& dino_image, const Tensor& sigl
                    const Tensor& input_ids) {
   const int64_t B = input_ids.dim(0), L = input_ids.dim(1);
   if (dino_image.ndim() != 4 || dino_image.dim(0) != B)
-    throw_error(ErrorKind::Request, "images hold " + std::to_string(dino_image.ndim() ? dino_image.dim(0) : 0) +
+    throw_error(ErrorKind::Request, "images hold " +
+                                        std::to_string(dino_image.ndim() ? dino_image.dim(0) : 0) +
                                         " sequences but input_ids " + std::to_string(B));
   Tensor visual = model.encode_image(dino_image, siglip_image);  // [B, N, hidden]
-  Tensor text = model.embed(input_ids);                           // [B, L, hidden]
+  Tensor text = model.embed(input_ids);                          // [B, L, hidden]
   return ops::concat({ops::slice(text, 1, 0, 1), visual, ops::slice(text, 1, 1, L)}, 1);
 }
 
@@ -180,8 +184,7 @@ Tensor MoxinVLM::forward_embeddings(const Tensor& embeddings, KVCacheList& cache
 Tensor MoxinVLM::forward(const Tensor& dino_image, const Tensor& siglip_image,
                          const Tensor& input_ids, KVCacheList& cache, int64_t last_n) {
   check_prompt_ids(input_ids);
-  return forward_embeddings(fuse_inputs(*this, dino_image, siglip_image, input_ids), cache,
-                            last_n);
+  return forward_embeddings(fuse_inputs(*this, dino_image, siglip_image, input_ids), cache, last_n);
 }
 
 Tensor MoxinVLM::forward(const Tensor& dino_image, const Tensor& siglip_image,
@@ -195,8 +198,8 @@ Tensor MoxinVLM::forward(const Tensor& dino_image, const Tensor& siglip_image,
   for (size_t b = 0; b < lengths.size(); ++b)
     if (lengths[b] < 1 || lengths[b] > L)
       throw_error(ErrorKind::Request, "prompt length " + std::to_string(lengths[b]) +
-                                          " of sequence " + std::to_string(b) +
-                                          " outside [1, " + std::to_string(L) + "]");
+                                          " of sequence " + std::to_string(b) + " outside [1, " +
+                                          std::to_string(L) + "]");
   const Tensor fused = fuse_inputs(*this, dino_image, siglip_image, input_ids);
   // Sequence b's real rows: BOS, the N image positions, then its lengths[b] - 1 text tokens.
   const int64_t image_positions = fused.dim(1) - L;
@@ -206,14 +209,14 @@ Tensor MoxinVLM::forward(const Tensor& dino_image, const Tensor& siglip_image,
     last[b] = valid[b] - 1;
   }
   Tensor x = run_decoder(*this, fused, cache, &valid);
-  return ops::linear(ops::rms_norm(ops::select_positions(x, last), norm), lm_head);  // [B, 1, V]
+  return ops::linear_same_input(ops::select_positions(x, last), {&lm_head}, &norm)[0];  // [B, 1, V]
 }
 
 Tensor MoxinVLM::decode_token(const Tensor& token, KVCacheList& cache) {
   check_ids(token, "token");
   if (!(token.ndim() == 1 || (token.ndim() == 2 && token.dim(1) == 1)))
-    throw_error(ErrorKind::Request, "decode_token takes [B] or [B, 1] ids, got " +
-                                        shape_to_string(token.shape()));
+    throw_error(ErrorKind::Request,
+                "decode_token takes [B] or [B, 1] ids, got " + shape_to_string(token.shape()));
   // On a ragged cache run_decoder places each sequence's token at its own offset.
   return forward_embeddings(embed(token.reshape({token.dim(0), 1})), cache, 1);
 }

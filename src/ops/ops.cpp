@@ -120,8 +120,8 @@ void add_inplace(Tensor& x, const Tensor& y) {
   require_f32(x, "add");
   require_f32(y, "add");
   if (y.numel() == 0 || x.numel() % y.numel() != 0)
-    throw_error(ErrorKind::Compute, "add: " + shape_to_string(x.shape()) + " vs " +
-                                        shape_to_string(y.shape()));
+    throw_error(ErrorKind::Compute,
+                "add: " + shape_to_string(x.shape()) + " vs " + shape_to_string(y.shape()));
   for (int64_t at = 0; at < x.numel(); at += y.numel())
     cpu::add_inplace(x.data_mut<float>() + at, y.data<float>(), y.numel());
 }
@@ -142,8 +142,8 @@ Tensor embedding(const Tensor& ids, const Tensor& table) {
   const int64_t D = table.dim(1);
   std::vector<int64_t> rows(size_t(ids.numel()));
   for (int64_t i = 0; i < ids.numel(); ++i) {
-    const int64_t id = ids.dtype() == DType::I64 ? ids.data<int64_t>()[i]
-                                                 : int64_t(ids.data<int32_t>()[i]);
+    const int64_t id =
+        ids.dtype() == DType::I64 ? ids.data<int64_t>()[i] : int64_t(ids.data<int32_t>()[i]);
     if (id < 0 || id >= vocab)
       throw_error(ErrorKind::Request, "token id " + std::to_string(id) +
                                           " is outside the vocabulary [0, " +
@@ -160,7 +160,8 @@ Tensor self_attention_qkv(const Tensor& qkv, int64_t heads) {
   require_f32(qkv, "self_attention");
   const int64_t B = qkv.dim(0), T = qkv.dim(1), D = qkv.dim(2) / 3;
   if (qkv.ndim() != 3 || qkv.dim(2) != 3 * D || heads <= 0 || D % heads != 0)
-    throw_error(ErrorKind::Compute, "self_attention: bad qkv shape " + shape_to_string(qkv.shape()));
+    throw_error(ErrorKind::Compute,
+                "self_attention: bad qkv shape " + shape_to_string(qkv.shape()));
   const int64_t Dh = D / heads;
   Tensor out = Tensor::empty({B, T, D});
   cpu::AttentionShape s{};
@@ -209,8 +210,7 @@ Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, i
   for (int64_t b = 0; b < B; ++b) {
     const int64_t kv_batch = b * Hkv * capacity * Dh;
     cpu::attention(q.data<float>() + b * Lq * Hq * Dh, kv.keys.data<float>() + kv_batch,
-                   kv.values.data<float>() + kv_batch, out.data_mut<float>() + b * Lq * Hq * Dh,
-                   s);
+                   kv.values.data<float>() + kv_batch, out.data_mut<float>() + b * Lq * Hq * Dh, s);
   }
   return out;
 }
@@ -241,8 +241,8 @@ void check_batch_positions(const BatchPositions& p, int64_t B, int64_t L, int64_
                                         " positions for a batch of " + std::to_string(B));
   for (const int64_t at : p.host)
     if (at < 0 || at + L > limit)
-      throw_error(ErrorKind::Compute, std::string(op) + ": position " + std::to_string(at) +
-                                          " + " + std::to_string(L) + " rows outside [0, " +
+      throw_error(ErrorKind::Compute, std::string(op) + ": position " + std::to_string(at) + " + " +
+                                          std::to_string(L) + " rows outside [0, " +
                                           std::to_string(limit) + "]");
 }
 
@@ -279,8 +279,7 @@ Tensor causal_attention(const Tensor& q, const CachedKV& kv, const BatchPosition
     s.Lk = s.q_offset + Lq;
     const int64_t kv_batch = b * Hkv * capacity * Dh;
     cpu::attention(q.data<float>() + b * Lq * Hq * Dh, kv.keys.data<float>() + kv_batch,
-                   kv.values.data<float>() + kv_batch, out.data_mut<float>() + b * Lq * Hq * Dh,
-                   s);
+                   kv.values.data<float>() + kv_batch, out.data_mut<float>() + b * Lq * Hq * Dh, s);
   }
   return out;
 }
@@ -302,8 +301,8 @@ void write_positions(Tensor& dst, const Tensor& src, const BatchPositions& at) {
   require_f32(dst, "write_positions");
   const int64_t B = src.dim(0), H = src.dim(1), L = src.dim(2), D = src.dim(3);
   if (src.ndim() != 4 || dst.ndim() != 4 || dst.dim(0) != B || dst.dim(1) != H || dst.dim(3) != D)
-    throw_error(ErrorKind::Compute, "write_positions: " + shape_to_string(src.shape()) +
-                                        " into " + shape_to_string(dst.shape()));
+    throw_error(ErrorKind::Compute, "write_positions: " + shape_to_string(src.shape()) + " into " +
+                                        shape_to_string(dst.shape()));
   const int64_t capacity = dst.dim(2);
   check_batch_positions(at, B, L, capacity, "write_positions");
   for (int64_t b = 0; b < B; ++b)
@@ -353,8 +352,8 @@ int normalize_axis(int axis, int ndim, const char* op) {
 
 // Row copies on whichever device holds the tensors: the one primitive the shape plumbing
 // below needs from a backend, so concat/slice/repeat_batch exist once.
-void copy_rows(Device device, const float* src, int64_t src_stride, float* dst,
-               int64_t dst_stride, int64_t rows, int64_t row_len) {
+void copy_rows(Device device, const float* src, int64_t src_stride, float* dst, int64_t dst_stride,
+               int64_t rows, int64_t row_len) {
   if (device == Device::CUDA) {
 #if MOXIN_WITH_CUDA
     cuda::copy_rows(src, src_stride, dst, dst_stride, rows, row_len);
@@ -413,14 +412,15 @@ Tensor slice(const Tensor& x, int axis, int64_t begin, int64_t end) {
   shape[size_t(a)] = end - begin;
   Tensor out = Tensor::empty(shape, DType::F32, x.device());
   const auto [outer, inner] = outer_inner(x.shape(), a);
-  copy_rows(x.device(), x.data<float>() + begin * inner, x.dim(a) * inner,
-            out.data_mut<float>(), (end - begin) * inner, outer, (end - begin) * inner);
+  copy_rows(x.device(), x.data<float>() + begin * inner, x.dim(a) * inner, out.data_mut<float>(),
+            (end - begin) * inner, outer, (end - begin) * inner);
   return out;
 }
 
 Tensor repeat_batch(const Tensor& x, int64_t batch) {
   require_f32(x, "repeat_batch");
-  if (x.ndim() == 0 || x.dim(0) != 1) throw_error(ErrorKind::Compute, "repeat_batch needs [1, ...]");
+  if (x.ndim() == 0 || x.dim(0) != 1)
+    throw_error(ErrorKind::Compute, "repeat_batch needs [1, ...]");
   if (batch < 0) throw_error(ErrorKind::Compute, "repeat_batch: negative batch");
   Shape shape = x.shape();
   shape[0] = batch;
@@ -441,8 +441,8 @@ Tensor select_positions(const Tensor& x, const std::vector<int64_t>& index) {
     if (l < 0 || l >= L)
       throw_error(ErrorKind::Compute, "select_positions: index " + std::to_string(l) +
                                           " outside [0, " + std::to_string(L) + ")");
-    copy_rows(x.device(), x.data<float>() + (b * L + l) * D, D, out.data_mut<float>() + b * D, D,
-              1, D);
+    copy_rows(x.device(), x.data<float>() + (b * L + l) * D, D, out.data_mut<float>() + b * D, D, 1,
+              D);
   }
   return out;
 }
@@ -474,7 +474,8 @@ void write_positions(Tensor& dst, const Tensor& src, int64_t at) {
   if (dst.ndim() != 4 || dst.dim(0) != B || dst.dim(1) != H || dst.dim(3) != D || at < 0 ||
       at + L > dst.dim(2))
     throw_error(ErrorKind::Compute, "write_positions: " + shape_to_string(src.shape()) + " at " +
-                                        std::to_string(at) + " into " + shape_to_string(dst.shape()));
+                                        std::to_string(at) + " into " +
+                                        shape_to_string(dst.shape()));
   cpu::copy_rows(src.data<float>(), L * D, dst.data_mut<float>() + at * D, dst.dim(2) * D, B * H,
                  L * D);
 }

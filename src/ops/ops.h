@@ -26,8 +26,8 @@ Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up,
                      const RMSNorm* norm = nullptr);
 Tensor layer_norm(const Tensor& x, const LayerNorm& norm);
 Tensor rms_norm(const Tensor& x, const RMSNorm& norm);
-void gelu_inplace(Tensor& x);                            // exact (erf) GELU
-Tensor silu_mul(const Tensor& gate, const Tensor& up);   // silu(gate) * up
+void gelu_inplace(Tensor& x);                           // exact (erf) GELU
+Tensor silu_mul(const Tensor& gate, const Tensor& up);  // silu(gate) * up
 // x += y; y of x's shape, or of a trailing part of it repeated (pos_embed [1, N, D] over [B, N, D])
 void add_inplace(Tensor& x, const Tensor& y);
 void add_scaled_inplace(Tensor& x, const Tensor& y, const Tensor& scale);  // x += y * scale[D]

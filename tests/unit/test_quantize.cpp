@@ -563,12 +563,11 @@ TEST(QuantizedMatmul, VectorKernelsMatchScalar) {
 // kernels, so inf and NaN propagate exactly as they do there (never a finite wrong answer).
 TEST(QuantizedMatmul, NonFiniteActivationsPropagateOnEveryIsa) {
   for (int bits : {4, 8}) {
-    const QuantizedTensor q =
-        quantize(f32_tensor({24, 256}, synth_matrix(7 + bits, 24, 256, 24)).to(DType::BF16), 64,
-                 bits);
+    const QuantizedTensor q = quantize(
+        f32_tensor({24, 256}, synth_matrix(7 + bits, 24, 256, 24)).to(DType::BF16), 64, bits);
     std::vector<float> x(2 * 256, 0.5f);
-    x[3] = INFINITY;           // row 0: inf times weights of both signs -> inf or NaN
-    x[256 + 100] = NAN;        // row 1: NaN everywhere
+    x[3] = INFINITY;     // row 0: inf times weights of both signs -> inf or NaN
+    x[256 + 100] = NAN;  // row 1: NaN everywhere
     for (QuantIsa isa : supported_isas()) {
       std::vector<float> y(2 * 24, 0.0f);
       cpu::quantized_matmul(isa, QuantMatmulPath::Decode, x.data(), 2, q, nullptr, y.data());

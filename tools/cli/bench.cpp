@@ -320,7 +320,8 @@ int run_bench_cuda(const BenchOptions& o) {
   report["peak_gpu_mem_over_weights_kv_gb"] = peak - weights_gb - kv_gb;
   report["device_used_gb"] = double(mem.device_used) / 1e9;
   report["peak_rss_gb"] = peak_rss_gib() * 1.073741824;
-  report["first_tokens"] = std::vector<int32_t>(tokens.begin(), tokens.begin() + std::min<size_t>(8, tokens.size()));
+  report["first_tokens"] =
+      std::vector<int32_t>(tokens.begin(), tokens.begin() + std::min<size_t>(8, tokens.size()));
   std::printf("%s\n", report.dump(2).c_str());
   return 0;
 }

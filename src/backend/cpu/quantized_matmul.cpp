@@ -99,7 +99,9 @@ bool prepare_nibble_lanes(const float* x, int64_t M, int64_t in, int, float* out
   return true;
 }
 
-int64_t same_width(int64_t in, int64_t) { return in; }
+int64_t same_width(int64_t in, int64_t) {
+  return in;
+}
 
 struct Kernels {
   DecodeFn decode;
@@ -224,8 +226,8 @@ bool quant_isa_supported(QuantIsa isa) {
 QuantIsa quant_best_isa() {
   static const QuantIsa best = quant_isa_supported(QuantIsa::Avx512Vnni) ? QuantIsa::Avx512Vnni
                                : quant_isa_supported(QuantIsa::Avx512)   ? QuantIsa::Avx512
-                               : quant_isa_supported(QuantIsa::Avx2) ? QuantIsa::Avx2
-                                                                     : QuantIsa::Scalar;
+                               : quant_isa_supported(QuantIsa::Avx2)     ? QuantIsa::Avx2
+                                                                         : QuantIsa::Scalar;
   return best;
 }
 

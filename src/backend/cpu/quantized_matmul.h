@@ -94,7 +94,7 @@ struct PreparedDecodeKernel {
   DecodeFn decode;
   PrepareFn prepare;
   int64_t (*prep_floats)(int64_t in, int64_t groups);  // per row of x
-  int64_t in_multiple;                                  // in must divide by this
+  int64_t in_multiple;                                 // in must divide by this
 };
 PreparedDecodeKernel avx512vnni_decode(int bits);  // bits 4 or 8
 

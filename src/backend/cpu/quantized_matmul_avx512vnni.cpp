@@ -42,7 +42,9 @@ constexpr int kBlock8 = 32;
 // One row of prepared x: `in` int16 values (as in/2 floats), then per group its step dx and
 // the float32 sum of its x. For 4-bit weights each block of 64 elements is stored as its 32 even
 // elements followed by its 32 odd ones (the order the nibbles unpack to); 8-bit keeps x's order.
-int64_t prep_floats(int64_t in, int64_t groups) { return in / 2 + 2 * groups; }
+int64_t prep_floats(int64_t in, int64_t groups) {
+  return in / 2 + 2 * groups;
+}
 
 template <int kBits>
 bool prepare(const float* x, int64_t M, int64_t in, int group_size, float* out) {
@@ -159,9 +161,9 @@ void decode_rows(const QuantView& w, const float* x_prep, const float* bias, flo
           __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo[i], x0);
           if constexpr (kBits == 4) dot = _mm512_dpwssd_epi32(dot, hi[i], x1);
           const float* u = unit.data() + (i * M + m) * w.groups;
-          const __m512 step = g0 == g1 ? _mm512_set1_ps(u[g0])
-                                       : _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(u[g0]),
-                                                              _mm512_set1_ps(u[g1]));
+          const __m512 step =
+              g0 == g1 ? _mm512_set1_ps(u[g0])
+                       : _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(u[g0]), _mm512_set1_ps(u[g1]));
           acc[i][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), step, acc[i][m]);
         }
       }
@@ -193,8 +195,8 @@ void decode_rows(const QuantView& w, const float* x_prep, const float* bias, flo
 }
 
 template <int kBits>
-void decode(const QuantView& w, int M, const float* x_prep, const float* bias, float* y,
-            int64_t r0, int64_t r1) {
+void decode(const QuantView& w, int M, const float* x_prep, const float* bias, float* y, int64_t r0,
+            int64_t r1) {
   switch (M) {
     case 1:
       return decode_rows<kBits, 1>(w, x_prep, bias, y, r0, r1);
