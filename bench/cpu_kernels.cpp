@@ -1,15 +1,10 @@
 // moxin-kernel-bench: the CPU decode kernels alone, on the decoder's real matrix shapes, next to
-// a plain read of the same number of bytes measured in the same process. Prints JSON.
+// the machine's read bandwidth measured in the same process. Prints JSON.
 //
 // Each product is one decode-step matrix-vector product (M = 1 by default): the figure that
 // matters is bytes of weights streamed per second, against what the memory system delivers.
 // Every timed call reads the next of several copies of the matrix, about 1 GB in all, so the
 // weights come from memory as in a real decode step and not from the (large) last-level cache.
-#include <immintrin.h>
-// GCC 12's AVX-512 headers trip its own uninitialized-value warnings inside the intrinsics
-// (GCC bug 105593); nothing of ours is uninitialized.
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <omp.h>
 
 #include <algorithm>
@@ -22,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/cpu/bandwidth.h"
 #include "backend/cpu/cpu_kernels.h"
 #include "backend/cpu/quantized_matmul.h"
 #include "moxin/quantize.h"
@@ -42,36 +38,6 @@ double median_seconds(int reps, F&& f) {
   }
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
-}
-
-__attribute__((target("avx512f"))) float sum_avx512(const float* p, size_t n) {
-  __m512 a = _mm512_setzero_ps(), b = a, c = a, d = a;
-  for (size_t i = 0; i + 64 <= n; i += 64) {
-    a = _mm512_add_ps(a, _mm512_loadu_ps(p + i));
-    b = _mm512_add_ps(b, _mm512_loadu_ps(p + i + 16));
-    c = _mm512_add_ps(c, _mm512_loadu_ps(p + i + 32));
-    d = _mm512_add_ps(d, _mm512_loadu_ps(p + i + 48));
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
-}
-
-// Read bandwidth over a buffer of `bytes` (all threads), GB/s.
-double read_bandwidth(size_t bytes, int reps) {
-  const size_t n = bytes / sizeof(float) / 64 * 64;
-  std::vector<float> buffer(n, 1.0f);
-  volatile float sink = 0;
-  const double t = median_seconds(reps, [&] {
-    float total = 0;
-#pragma omp parallel reduction(+ : total)
-    {
-      const int threads = omp_get_num_threads(), id = omp_get_thread_num();
-      const size_t chunk = n / size_t(threads) / 64 * 64;
-      const size_t begin = size_t(id) * chunk, end = id == threads - 1 ? n : begin + chunk;
-      total += sum_avx512(buffer.data() + begin, end - begin);
-    }
-    sink = sink + total;
-  });
-  return double(n * sizeof(float)) / t / 1e9;
 }
 
 constexpr double kWorkingSetBytes = 1.0e9;
@@ -142,7 +108,7 @@ int main(int argc, char** argv) {
     }
     report[name] = entry;
   }
-  report["read_gb_s"] = read_bandwidth(size_t(kWorkingSetBytes), reps);
+  report["read_gb_s"] = cpu::measure_read_bandwidth_gbs(size_t(kWorkingSetBytes));
   std::printf("%s\n", report.dump(2).c_str());
   return 0;
 }

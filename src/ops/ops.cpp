@@ -182,20 +182,19 @@ Tensor self_attention_qkv(const Tensor& qkv, int64_t heads) {
   return out;
 }
 
-Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window) {
-  DISPATCH_CUDA(q, causal_attention(q, kv, q_offset, window));
-  require_f32(q, "causal_attention");
+namespace {
+
+// Causal attention of q [B, Lq, Hq, Dh] over a cache's history (keys/values [B, Hkv, capacity,
+// Dh]): sequence b's queries stand at positions starts[b].. and see the history up to
+// starts[b] + Lq (keys past it belong to nothing it has written: another sequence's longer
+// prompt, or stale padding). -> [B, Lq, Hq * Dh]
+Tensor cached_attention(const Tensor& q, const CachedKV& kv, const std::vector<int64_t>& starts,
+                        int64_t window) {
   const int64_t B = q.dim(0), Lq = q.dim(1), Hq = q.dim(2), Dh = q.dim(3);
   const int64_t Hkv = kv.keys.dim(1), capacity = kv.keys.dim(2);
-  if (kv.keys.dim(0) != B || kv.keys.dim(3) != Dh || kv.length > capacity ||
-      kv.length != q_offset + Lq)
-    throw_error(ErrorKind::Compute, "causal_attention: queries " + shape_to_string(q.shape()) +
-                                        " do not match the cache " +
-                                        shape_to_string(kv.keys.shape()));
   Tensor out = Tensor::empty({B, Lq, Hq * Dh});
   cpu::AttentionShape s{};
   s.Lq = Lq;
-  s.Lk = kv.length;
   s.Hq = Hq;
   s.Hkv = Hkv;
   s.Dh = Dh;
@@ -204,15 +203,36 @@ Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, i
   s.kv_head_stride = capacity * Dh;
   s.out_row_stride = Hq * Dh;
   s.causal = true;
-  s.q_offset = q_offset;
   s.window = window;
   s.scale = 1.0f / std::sqrt(float(Dh));
   for (int64_t b = 0; b < B; ++b) {
+    s.q_offset = starts[size_t(b)];
+    s.Lk = s.q_offset + Lq;
     const int64_t kv_batch = b * Hkv * capacity * Dh;
     cpu::attention(q.data<float>() + b * Lq * Hq * Dh, kv.keys.data<float>() + kv_batch,
                    kv.values.data<float>() + kv_batch, out.data_mut<float>() + b * Lq * Hq * Dh, s);
   }
   return out;
+}
+
+void check_cache_matches(const Tensor& q, const CachedKV& kv) {
+  if (kv.keys.dim(0) != q.dim(0) || kv.keys.dim(3) != q.dim(3) || kv.length > kv.keys.dim(2))
+    throw_error(ErrorKind::Compute, "causal_attention: queries " + shape_to_string(q.shape()) +
+                                        " do not match the cache " +
+                                        shape_to_string(kv.keys.shape()));
+}
+
+}  // namespace
+
+Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window) {
+  DISPATCH_CUDA(q, causal_attention(q, kv, q_offset, window));
+  require_f32(q, "causal_attention");
+  check_cache_matches(q, kv);
+  if (kv.length != q_offset + q.dim(1))
+    throw_error(ErrorKind::Compute, "causal_attention: queries " + shape_to_string(q.shape()) +
+                                        " at " + std::to_string(q_offset) + " do not end the " +
+                                        std::to_string(kv.length) + " cached positions");
+  return cached_attention(q, kv, std::vector<int64_t>(size_t(q.dim(0)), q_offset), window);
 }
 
 void rope_inplace(Tensor& x, int64_t offset, float theta) {
@@ -252,36 +272,9 @@ Tensor causal_attention(const Tensor& q, const CachedKV& kv, const BatchPosition
                         int64_t window) {
   DISPATCH_CUDA(q, causal_attention(q, kv, start, window));
   require_f32(q, "causal_attention");
-  const int64_t B = q.dim(0), Lq = q.dim(1), Hq = q.dim(2), Dh = q.dim(3);
-  const int64_t Hkv = kv.keys.dim(1), capacity = kv.keys.dim(2);
-  if (kv.keys.dim(0) != B || kv.keys.dim(3) != Dh || kv.length > capacity)
-    throw_error(ErrorKind::Compute, "causal_attention: queries " + shape_to_string(q.shape()) +
-                                        " do not match the cache " +
-                                        shape_to_string(kv.keys.shape()));
-  check_batch_positions(start, B, Lq, kv.length, "causal_attention");
-  Tensor out = Tensor::empty({B, Lq, Hq * Dh});
-  cpu::AttentionShape s{};
-  s.Lq = Lq;
-  s.Hq = Hq;
-  s.Hkv = Hkv;
-  s.Dh = Dh;
-  s.q_row_stride = Hq * Dh;
-  s.kv_row_stride = Dh;
-  s.kv_head_stride = capacity * Dh;
-  s.out_row_stride = Hq * Dh;
-  s.causal = true;
-  s.window = window;
-  s.scale = 1.0f / std::sqrt(float(Dh));
-  for (int64_t b = 0; b < B; ++b) {
-    // Each sequence's queries see only its own history: keys past start + Lq belong to
-    // nothing it has written yet (another sequence's longer prompt, or stale padding).
-    s.q_offset = start.host[size_t(b)];
-    s.Lk = s.q_offset + Lq;
-    const int64_t kv_batch = b * Hkv * capacity * Dh;
-    cpu::attention(q.data<float>() + b * Lq * Hq * Dh, kv.keys.data<float>() + kv_batch,
-                   kv.values.data<float>() + kv_batch, out.data_mut<float>() + b * Lq * Hq * Dh, s);
-  }
-  return out;
+  check_cache_matches(q, kv);
+  check_batch_positions(start, q.dim(0), q.dim(1), kv.length, "causal_attention");
+  return cached_attention(q, kv, start.host, window);
 }
 
 void rope_inplace(Tensor& x, const BatchPositions& start, float theta) {

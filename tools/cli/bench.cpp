@@ -1,10 +1,5 @@
 // `moxin-vlm bench`: load time, vision encode, prefill and decode speed, peak RSS, and the
 // machine's measured memory bandwidth with the decode roofline it implies. Prints JSON.
-#include <immintrin.h>
-// GCC 12's AVX-512 headers trip its own uninitialized-value warnings inside the intrinsics
-// (GCC bug 105593); nothing of ours is uninitialized.
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <omp.h>
 #include <sys/resource.h>
 
@@ -24,6 +19,7 @@
 #include "moxin/image.h"
 #include "moxin/model.h"
 #include "moxin/quantize.h"
+#include "backend/cpu/bandwidth.h"
 #include "ops/ops.h"
 
 #if MOXIN_WITH_CUDA
@@ -45,61 +41,6 @@ double peak_rss_gib() {
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   return double(usage.ru_maxrss) / (1024.0 * 1024.0);  // ru_maxrss is in KiB on Linux
-}
-
-// Sums a buffer with the widest loads the CPU has, four independent accumulators, so the
-// loop is bound by memory and not by the adds (plain C++ built for baseline x86-64 is not).
-__attribute__((target("avx512f"))) float sum_avx512(const float* p, size_t n) {
-  __m512 a = _mm512_setzero_ps(), b = a, c = a, d = a;
-  for (size_t i = 0; i + 64 <= n; i += 64) {
-    a = _mm512_add_ps(a, _mm512_load_ps(p + i));
-    b = _mm512_add_ps(b, _mm512_load_ps(p + i + 16));
-    c = _mm512_add_ps(c, _mm512_load_ps(p + i + 32));
-    d = _mm512_add_ps(d, _mm512_load_ps(p + i + 48));
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
-}
-
-__attribute__((target("avx2"))) float sum_avx2(const float* p, size_t n) {
-  __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
-  for (size_t i = 0; i + 32 <= n; i += 32) {
-    a = _mm256_add_ps(a, _mm256_load_ps(p + i));
-    b = _mm256_add_ps(b, _mm256_load_ps(p + i + 8));
-    c = _mm256_add_ps(c, _mm256_load_ps(p + i + 16));
-    d = _mm256_add_ps(d, _mm256_load_ps(p + i + 24));
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
-  float total = 0;
-  for (float v : lanes) total += v;
-  return total;
-}
-
-// Read bandwidth: the best of several passes summing a buffer far larger than the caches, on
-// all threads, the access pattern of a decode step streaming its weights.
-double measure_read_bandwidth_gbs(size_t bytes) {
-  const bool avx512 = __builtin_cpu_supports("avx512f");
-  const size_t n = bytes / sizeof(float);
-  Tensor buffer = Tensor::empty({int64_t(n)});  // 64-byte aligned
-  float* data = buffer.data_mut<float>();
-  const int threads = omp_get_max_threads();
-  const size_t chunk = n / size_t(threads) / 64 * 64;
-#pragma omp parallel for
-  for (size_t i = 0; i < n; ++i) data[i] = 1.0f;
-  double best = 0;
-  for (int pass = 0; pass < 5; ++pass) {
-    float total = 0;
-    const auto start = Clock::now();
-#pragma omp parallel reduction(+ : total)
-    {
-      const float* mine = data + size_t(omp_get_thread_num()) * chunk;
-      total += avx512 ? sum_avx512(mine, chunk) : sum_avx2(mine, chunk);
-    }
-    const double s = seconds_since(start);
-    if (total == 42) std::fprintf(stderr, " ");  // keeps the sum alive
-    best = std::max(best, double(chunk * size_t(threads) * sizeof(float)) / s / 1e9);
-  }
-  return best;
 }
 
 // Bytes a decode step must read: every decoder matrix and the lm_head (embedding lookups and
@@ -340,7 +281,7 @@ int run_bench(const BenchOptions& o) {
   report["hardware_threads"] = std::thread::hardware_concurrency();
 
   std::fprintf(stderr, "measuring memory bandwidth...\n");
-  const double bandwidth = measure_read_bandwidth_gbs(size_t(1) << 30);
+  const double bandwidth = cpu::measure_read_bandwidth_gbs(size_t(1) << 30);
   report["mem_read_bandwidth_gbs"] = bandwidth;
 
   auto start = Clock::now();

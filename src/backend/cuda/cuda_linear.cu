@@ -1097,6 +1097,19 @@ void launch_multi_tuned(const float* x, const std::vector<const Linear*>& layers
   run(tuned_variant(TuneKey{total, K, 1000 * (kGated ? 2 : 1) + kBits}, kBits ? 6 : 3, run));
 }
 
+// bits 4 / 8: MLX codes; 0: bf16 weights.
+template <bool kGated>
+void launch_multi_for_bits(int bits, const float* x, const std::vector<const Linear*>& layers,
+                           const std::vector<float*>& ys, int64_t K, const RMSNorm* norm) {
+  if (bits == 4) {
+    launch_multi_tuned<4, kGated>(x, layers, ys, K, norm);
+  } else if (bits == 8) {
+    launch_multi_tuned<8, kGated>(x, layers, ys, K, norm);
+  } else {
+    launch_multi_tuned<0, kGated>(x, layers, ys, K, norm);
+  }
+}
+
 // Diagnostics: MOXIN_CUDA_QUANT_PATH=gemv|dense forces one product path for quantized layers
 // at every M (default: GEMV for M <= kGemvMaxRows, dequantize + cuBLASLt above), so the two
 // implementations can be compared on a real checkpoint.
@@ -1152,14 +1165,14 @@ void linear_into(const Tensor& x, const Linear& layer, Tensor& y, bool accumulat
   if (M == 0 || N == 0) return;
   const float* xp = x.data<float>();
   float* yp = y.data_mut<float>();
-  const float* residual = accumulate ? yp : nullptr;
-  // The cuBLASLt paths write a fresh product; accumulation then adds it.
+  const float* residual = accumulate ? yp : nullptr;  // the GEMV epilogues add it
+  // The cuBLASLt paths write a fresh product, which accumulation then adds.
   Tensor product;
-  float* gemm_out = yp;
-  if (accumulate && !(M <= kGemvMaxRows)) {
+  auto gemm_out = [&]() -> float* {
+    if (!accumulate) return yp;
     product = Tensor::empty(out_shape, DType::F32, Device::CUDA);
-    gemm_out = product.data_mut<float>();
-  }
+    return product.data_mut<float>();
+  };
 
   if (q) {
     if (q->scales.device() != Device::CUDA || q->biases.device() != Device::CUDA)
@@ -1174,10 +1187,6 @@ void linear_into(const Tensor& x, const Linear& layer, Tensor& y, bool accumulat
                                  residual ? residual + m0 * N : nullptr, yp + m0 * N, N, K);
       }
       return;
-    }
-    if (accumulate && !product.defined()) {
-      product = Tensor::empty(out_shape, DType::F32, Device::CUDA);
-      gemm_out = product.data_mut<float>();
     }
     if (capturing())
       throw_error(ErrorKind::Compute, "linear: this quantized layer cannot run in a decode graph");
@@ -1201,7 +1210,7 @@ void linear_into(const Tensor& x, const Linear& layer, Tensor& y, bool accumulat
     }
     MOXIN_LAUNCH_CHECK();
     const Tensor xb = narrowed<__nv_bfloat16>(x, DType::BF16);
-    gemm(dense.raw(), xb.raw(), CUDA_R_16BF, M, N, K, bias, gemm_out);
+    gemm(dense.raw(), xb.raw(), CUDA_R_16BF, M, N, K, bias, gemm_out());
     if (accumulate) add_inplace(y, product);
     return;
   }
@@ -1217,13 +1226,13 @@ void linear_into(const Tensor& x, const Linear& layer, Tensor& y, bool accumulat
   if (capturing())
     throw_error(ErrorKind::Compute, "linear: a decode graph records one token at a time");
   if (wt == DType::F32) {
-    gemm(layer.weight.raw(), xp, CUDA_R_32F, M, N, K, bias, gemm_out);
+    gemm(layer.weight.raw(), xp, CUDA_R_32F, M, N, K, bias, gemm_out());
   } else if (wt == DType::BF16) {
     const Tensor xb = narrowed<__nv_bfloat16>(x, DType::BF16);
-    gemm(layer.weight.raw(), xb.raw(), CUDA_R_16BF, M, N, K, bias, gemm_out);
+    gemm(layer.weight.raw(), xb.raw(), CUDA_R_16BF, M, N, K, bias, gemm_out());
   } else {
     const Tensor xh = narrowed<__half>(x, DType::F16);
-    gemm(layer.weight.raw(), xh.raw(), CUDA_R_16F, M, N, K, bias, gemm_out);
+    gemm(layer.weight.raw(), xh.raw(), CUDA_R_16F, M, N, K, bias, gemm_out());
   }
   if (accumulate) add_inplace(y, product);
 }
@@ -1279,13 +1288,7 @@ std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const L
     out.push_back(Tensor::empty(shape, DType::F32, Device::CUDA));
     ys.push_back(out.back().data_mut<float>());
   }
-  if (bits == 4) {
-    launch_multi_tuned<4, false>(x.data<float>(), layers, ys, K, norm);
-  } else if (bits == 8) {
-    launch_multi_tuned<8, false>(x.data<float>(), layers, ys, K, norm);
-  } else {
-    launch_multi_tuned<0, false>(x.data<float>(), layers, ys, K, norm);
-  }
+  launch_multi_for_bits<false>(bits, x.data<float>(), layers, ys, K, norm);
   return out;
 }
 
@@ -1307,13 +1310,7 @@ Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up, cons
   shape.back() = gate.out_features();
   Tensor y = Tensor::empty(shape, DType::F32, Device::CUDA);
   const std::vector<float*> ys = {y.data_mut<float>(), nullptr};
-  if (bits == 4) {
-    launch_multi_tuned<4, true>(x.data<float>(), layers, ys, K, norm);
-  } else if (bits == 8) {
-    launch_multi_tuned<8, true>(x.data<float>(), layers, ys, K, norm);
-  } else {
-    launch_multi_tuned<0, true>(x.data<float>(), layers, ys, K, norm);
-  }
+  launch_multi_for_bits<true>(bits, x.data<float>(), layers, ys, K, norm);
   return y;
 }
 

@@ -707,10 +707,21 @@ Tensor self_attention_qkv(const Tensor& qkv, int64_t heads) {
 namespace {
 
 // Causal attention of q [B, Lq, Hq, Dh] over a cache's history (keys/values [B, Hkv, capacity,
-// Dh], kv.length valid) into out [B, Lq, Hq * Dh]; the caller sets where the queries stand.
-AttnArgs cached_attention_args(const Tensor& q, const CachedKV& kv, Tensor& out, int64_t window) {
-  const int64_t Lq = q.dim(1), Hq = q.dim(2), Dh = q.dim(3);
+// Dh], kv.length valid) into a new `out` [B, Lq, Hq * Dh], after checking that the two fit; the
+// caller sets where the queries stand.
+AttnArgs cached_attention_args(const Tensor& q, const CachedKV& kv, int64_t window, Tensor& out) {
+  require_f32_cuda(q, "causal_attention");
+  require_f32_cuda(kv.keys, "causal_attention");
+  require_f32_cuda(kv.values, "causal_attention");
+  if (q.ndim() != 4 || kv.keys.ndim() != 4 || kv.keys.shape() != kv.values.shape())
+    throw_error(ErrorKind::Compute, "causal_attention: bad shapes");
+  const int64_t B = q.dim(0), Lq = q.dim(1), Hq = q.dim(2), Dh = q.dim(3);
   const int64_t Hkv = kv.keys.dim(1), capacity = kv.keys.dim(2);
+  if (kv.keys.dim(0) != B || kv.keys.dim(3) != Dh || kv.length > capacity)
+    throw_error(ErrorKind::Compute, "causal_attention: queries " + shape_to_string(q.shape()) +
+                                        " do not match the cache " +
+                                        shape_to_string(kv.keys.shape()));
+  out = Tensor::empty({B, Lq, Hq * Dh}, DType::F32, Device::CUDA);
   AttnArgs a{};
   a.q = q.data<float>();
   a.k = kv.keys.data<float>();
@@ -737,23 +748,15 @@ AttnArgs cached_attention_args(const Tensor& q, const CachedKV& kv, Tensor& out,
 }  // namespace
 
 Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window) {
-  require_f32_cuda(q, "causal_attention");
-  require_f32_cuda(kv.keys, "causal_attention");
-  require_f32_cuda(kv.values, "causal_attention");
-  if (q.ndim() != 4 || kv.keys.ndim() != 4 || kv.keys.shape() != kv.values.shape())
-    throw_error(ErrorKind::Compute, "causal_attention: bad shapes");
-  const int64_t B = q.dim(0), Lq = q.dim(1), Hq = q.dim(2), Dh = q.dim(3);
-  const int64_t Hkv = kv.keys.dim(1), capacity = kv.keys.dim(2);
-  if (kv.keys.dim(0) != B || kv.keys.dim(3) != Dh || kv.length > capacity ||
-      kv.length != q_offset + Lq)
+  Tensor out;
+  AttnArgs a = cached_attention_args(q, kv, window, out);
+  if (kv.length != q_offset + q.dim(1))
     throw_error(ErrorKind::Compute, "causal_attention: queries " + shape_to_string(q.shape()) +
-                                        " do not match the cache " +
-                                        shape_to_string(kv.keys.shape()));
-  Tensor out = Tensor::empty({B, Lq, Hq * Dh}, DType::F32, Device::CUDA);
-  AttnArgs a = cached_attention_args(q, kv, out, window);
+                                        " at " + std::to_string(q_offset) + " do not end the " +
+                                        std::to_string(kv.length) + " cached positions");
   a.q_offset = q_offset;
   a.delta = position_delta();
-  launch_attention(a, B, capacity);
+  launch_attention(a, q.dim(0), kv.keys.dim(2));
   return out;
 }
 
@@ -886,23 +889,11 @@ const int* ragged_positions(const BatchPositions& p, int64_t B, int64_t L, int64
 
 Tensor causal_attention(const Tensor& q, const CachedKV& kv, const BatchPositions& start,
                         int64_t window) {
-  require_f32_cuda(q, "causal_attention");
-  require_f32_cuda(kv.keys, "causal_attention");
-  require_f32_cuda(kv.values, "causal_attention");
-  if (q.ndim() != 4 || kv.keys.ndim() != 4 || kv.keys.shape() != kv.values.shape())
-    throw_error(ErrorKind::Compute, "causal_attention: bad shapes");
-  const int64_t B = q.dim(0), Lq = q.dim(1), Hq = q.dim(2), Dh = q.dim(3);
-  const int64_t Hkv = kv.keys.dim(1), capacity = kv.keys.dim(2);
-  if (kv.keys.dim(0) != B || kv.keys.dim(3) != Dh || kv.length > capacity)
-    throw_error(ErrorKind::Compute, "causal_attention: queries " + shape_to_string(q.shape()) +
-                                        " do not match the cache " +
-                                        shape_to_string(kv.keys.shape()));
+  Tensor out;
+  AttnArgs a = cached_attention_args(q, kv, window, out);
   Tensor holder;
-  const int* starts = ragged_positions(start, B, Lq, kv.length, holder, "causal_attention");
-  Tensor out = Tensor::empty({B, Lq, Hq * Dh}, DType::F32, Device::CUDA);
-  AttnArgs a = cached_attention_args(q, kv, out, window);
-  a.q_starts = starts;
-  launch_attention(a, B, capacity);
+  a.q_starts = ragged_positions(start, q.dim(0), q.dim(1), kv.length, holder, "causal_attention");
+  launch_attention(a, q.dim(0), kv.keys.dim(2));
   return out;
 }
 
