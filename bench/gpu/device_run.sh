@@ -7,7 +7,9 @@
 # Usage (from the repository root): bench/gpu/device_run.sh [tests|bench|all|check|profile|final|pdl]
 #        [BUILD_DIR]   (profile: tests, then Nsight Compute on the 4-bit decode products;
 #        final: tests and the benchmark without the full-checkpoint diagnostics;
-#        pdl: tests, decode with and without PDL in the graph, prefill kernel times)
+#        pdl: tests, decode with and without PDL in the graph, prefill kernel times;
+#        quick: tests, decode at every format with the tuner's log, 4-bit with the float
+#        kernels as the same-run baseline, and a kernel-time summary of one bench run (nsys))
 set -uo pipefail
 what="${1:-all}"
 build="${2:-build-cuda2}"
@@ -31,7 +33,8 @@ if [[ $what != tests ]]; then
     (python3 reference/make_checkpoints.py --variant full --out /tmp/moxin-full \
        >/tmp/gen_full.log 2>&1; echo "full: rc=$?" >>/tmp/gen_full.log) &
 fi
-if [[ $what == tests || $what == all || $what == profile || $what == final || $what == pdl ]]; then
+if [[ $what == tests || $what == all || $what == profile || $what == final || $what == pdl ||
+      $what == quick ]]; then
   for v in tiny-hf tiny-native tiny-f32 real-towers; do
     (python3 reference/make_checkpoints.py --variant "$v" --out "tests/fixtures/checkpoints/$v" \
        >"/tmp/gen_$v.log" 2>&1) &
@@ -82,6 +85,35 @@ if [[ $what != tests ]]; then
       "$dist/moxin-vlm" bench --model /tmp/moxin-full --device cuda --prompt-tokens 24 \
       --decode-tokens 1 >"$out/ncu_prefill.txt" 2>&1
     echo "ncu rc=$?"
+    pack
+    exit 0
+  fi
+  if [[ $what == quick ]]; then
+    for run in "16 auto" "4 auto" "4 float" "8 auto" "8 float"; do
+      set -- $run
+      quant=(); [[ $1 != 16 ]] && quant=(--quantize $1 --group-size 64)
+      echo "== $1 bits, MOXIN_CUDA_QUANT_PATH=$2"
+      MOXIN_CUDA_QUANT_PATH=$2 MOXIN_CUDA_TUNE_LOG=1 timeout 200 "$dist/moxin-vlm" bench \
+        --model /tmp/moxin-full --device cuda --prompt-tokens 24 --decode-tokens 128 \
+        "${quant[@]}" >"$out/quick_$1_$2.json" 2>"$out/quick_$1_$2.err"
+      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('decode_tok_s','decode_fraction_of_roofline','ttft_ms','vision_ms','prefill_ms')})" "$out/quick_$1_$2.json"
+      grep "tune" "$out/quick_$1_$2.err" | head -20
+    done
+    pack
+    if command -v nsys >/dev/null; then
+      for bits in 16 4; do
+        quant=(); [[ $bits != 16 ]] && quant=(--quantize $bits --group-size 64)
+        echo "== nsys: kernel times, $bits bits (vision + prefill + 16 decode tokens)"
+        timeout 240 nsys profile -o "/tmp/prof_$bits" --force-overwrite true \
+          "$dist/moxin-vlm" bench --model /tmp/moxin-full --device cuda --prompt-tokens 24 \
+          --decode-tokens 16 "${quant[@]}" >/dev/null 2>"$out/nsys_$bits.err"
+        nsys stats --report cuda_gpu_kern_sum --format csv "/tmp/prof_$bits.nsys-rep" \
+          >"$out/kernels_$bits.csv" 2>>"$out/nsys_$bits.err"
+        head -25 "$out/kernels_$bits.csv" | cut -c1-220
+      done
+    else
+      echo "no nsys on this machine"
+    fi
     pack
     exit 0
   fi

@@ -114,9 +114,11 @@ TEST(CudaOps, EverySingleRowGemvVariantMatchesCpu) {
   struct Case { int64_t K, N; int bits; };  // bits 0: bf16
   const Case cases[] = {{4352, 33, 0}, {64, 4304, 0}, {14336, 31, 0}, {4096, 1025, 0},
                         {4352, 33, 4}, {256, 4304, 4}, {14336, 31, 4}, {4096, 1025, 4},
-                        {4352, 33, 8}, {256, 4304, 8}, {14336, 31, 8}, {4096, 1025, 8}};
+                        {4352, 33, 8}, {256, 4304, 8}, {14336, 31, 8}, {4096, 1025, 8},
+                        // wider than the fixed-point kernel's shared memory: float kernels
+                        {24576, 33, 4}, {24576, 31, 8}};
   uint32_t seed = 300;
-  for (int variant = 0; variant < 7; ++variant) {  // quantized: 7 variants, bf16: 4
+  for (int variant = 0; variant < 4; ++variant) {  // every format: 4 variants
     cuda::set_gemv_variant_for_testing(variant);
     for (const Case& c : cases) {
       const Tensor w = random_tensor({c.N, c.K}, ++seed, 0.05f).to(DType::BF16);
@@ -165,7 +167,7 @@ TEST(CudaOps, FusedSameInputProductsMatchCpu) {
       *gpu_layer = Linear{Tensor(), gpu(b), qg};
     }
   };
-  for (int variant = 0; variant < 6; ++variant) {  // quantized: 6 variants, bf16: 3
+  for (int variant = 0; variant < 4; ++variant) {  // fixed point: 4 (3 gated), float: 3
     cuda::set_gemv_variant_for_testing(variant);
     for (int bits : {0, 4, 8}) {
       for (int64_t M : {1, 3}) {
@@ -206,6 +208,120 @@ TEST(CudaOps, FusedSameInputProductsMatchCpu) {
   cuda::set_gemv_variant_for_testing(-1);
 }
 
+// Quantized rows too wide for the fixed-point kernel's shared memory take the float kernels,
+// fused launches included: every variant against separate CPU products.
+TEST(CudaOps, WideQuantizedFusedProductsMatchCpu) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  uint32_t seed = 800;
+  const int64_t K = 24576;
+  auto make = [&](int64_t N, int bits, Linear* cpu_layer, Linear* gpu_layer) {
+    const Tensor w = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
+    const Tensor b = random_tensor({N}, ++seed);
+    const QuantizedTensor q = quantize(w, 64, bits);
+    *cpu_layer = Linear{dequantize(q), b, nullptr};
+    auto qg = std::make_shared<QuantizedTensor>(q);
+    qg->weight = gpu(q.weight);
+    qg->scales = gpu(q.scales);
+    qg->biases = gpu(q.biases);
+    *gpu_layer = Linear{Tensor(), gpu(b), qg};
+  };
+  for (int bits : {4, 8}) {
+    Linear c[3], g[3];
+    make(33, bits, &c[0], &g[0]);
+    make(31, bits, &c[1], &g[1]);
+    make(65, bits, &c[2], &g[2]);
+    const Tensor x = random_tensor({1, K}, ++seed);
+    const RMSNorm norm{random_tensor({K}, ++seed, 0.5f), 1e-5f};
+    const RMSNorm gnorm{gpu(norm.weight), norm.eps};
+    const Tensor h = ops::rms_norm(x, norm);
+    for (int variant = 0; variant < 3; ++variant) {
+      cuda::set_gemv_variant_for_testing(variant);
+      const std::string what = "variant " + std::to_string(variant) + " bits " + std::to_string(bits);
+      const std::vector<Tensor> got = ops::linear_same_input(gpu(x), {&g[0], &g[1], &g[2]}, &gnorm);
+      for (int i = 0; i < 3; ++i)
+        expect_close(got[size_t(i)], ops::linear(h, c[i]), 1e-4, what + " segment " + std::to_string(i));
+      expect_close(ops::swiglu_linear(gpu(x), g[0], g[0]),
+                   ops::silu_mul(ops::linear(x, c[0]), ops::linear(x, c[0])), 1e-4, what + " swiglu");
+    }
+  }
+  cuda::set_gemv_variant_for_testing(-1);
+}
+
+// Single-row 4/8-bit products run on activations in 16-bit fixed point per weight group. Each
+// output must lie within float rounding plus the stated bound 2^-16 sum_g max|x_g| sum_k |s q_k|
+// of the exact product (double precision, from the dequantized weights), for every variant and
+// group size, with and without the folded RMSNorm, and with one large outlier per group (the
+// worst case for a per-group step). A non-finite activation makes the outputs NaN.
+TEST(CudaOps, FixedPointProductsStayWithinTheirBound) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  uint32_t seed = 900;
+  const int64_t K = 1536, N = 129;
+  auto check = [&](const Tensor& gpu_y, const std::vector<float>& xn, const QuantizedTensor& q,
+                   const std::string& what) {
+    const std::vector<float> y = gpu_y.to_device(Device::CPU).to_vector();
+    const std::vector<float> w = dequantize(q).to_vector();
+    const std::vector<float> b = q.biases.to_vector();
+    const int64_t groups = K / q.group_size;
+    int reported = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      double exact = 0.0, magnitude = 0.0, bound = 0.0;
+      for (int64_t g = 0; g < groups; ++g) {
+        double peak = 0.0, weights = 0.0;
+        for (int64_t k = g * q.group_size; k < (g + 1) * q.group_size; ++k) {
+          const double wk = w[size_t(n * K + k)];
+          exact += wk * xn[size_t(k)];
+          magnitude += std::fabs(wk * xn[size_t(k)]);
+          peak = std::max(peak, std::fabs(double(xn[size_t(k)])));
+          weights += std::fabs(wk - b[size_t(n * groups + g)]);
+        }
+        bound += peak * weights;
+      }
+      const double limit = 4e-6 * magnitude + std::ldexp(bound, -16) * (1.0 + 1e-3);
+      if (!(std::fabs(y[size_t(n)] - exact) <= limit) && reported++ < 5)
+        ADD_FAILURE() << what << ": y[" << n << "] = " << y[size_t(n)] << ", exact " << exact
+                      << ", limit " << limit;
+    }
+  };
+  for (int variant = 0; variant < 4; ++variant) {
+    cuda::set_gemv_variant_for_testing(variant);
+    for (int bits : {4, 8}) {
+      for (int group : {32, 64, 128}) {
+        const std::string what = "variant " + std::to_string(variant) + " bits " +
+                                 std::to_string(bits) + " group " + std::to_string(group);
+        const Tensor wt = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
+        const QuantizedTensor q = quantize(wt, group, bits);
+        auto qg = std::make_shared<QuantizedTensor>(q);
+        qg->weight = gpu(q.weight);
+        qg->scales = gpu(q.scales);
+        qg->biases = gpu(q.biases);
+        const Linear layer{Tensor(), Tensor(), qg};
+        std::vector<float> xv = random_tensor({K}, ++seed).to_vector();
+        for (int64_t g = 0; g < K / group; ++g) xv[size_t(g * group + (g * 7) % group)] *= 100.0f;
+        const Tensor x = Tensor::from_vector({1, K}, xv);
+        check(ops::linear(gpu(x), layer), xv, q, what);
+        // Folded norm (one segment through the fused launch): the bound is on the normed input.
+        const RMSNorm norm{random_tensor({K}, ++seed, 0.5f), 1e-5f};
+        const RMSNorm gnorm{gpu(norm.weight), norm.eps};
+        const std::vector<Tensor> normed = ops::linear_same_input(gpu(x), {&layer}, &gnorm);
+        check(normed[0], ops::rms_norm(x, norm).to_vector(), q, what + " normed");
+      }
+    }
+  }
+  cuda::set_gemv_variant_for_testing(-1);
+  const Tensor wt = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
+  auto qg = std::make_shared<QuantizedTensor>(quantize(wt, 64, 4));
+  qg->weight = gpu(qg->weight);
+  qg->scales = gpu(qg->scales);
+  qg->biases = gpu(qg->biases);
+  const Linear layer{Tensor(), Tensor(), qg};
+  for (float bad : {NAN, INFINITY}) {
+    std::vector<float> xv = random_tensor({K}, ++seed).to_vector();
+    xv[100] = bad;
+    const Tensor y = ops::linear(gpu(Tensor::from_vector({1, K}, xv)), layer);
+    for (float v : y.to_device(Device::CPU).to_vector()) ASSERT_TRUE(std::isnan(v)) << bad;
+  }
+}
+
 // Residual products (o_proj, down_proj): y += x W^T in the product's epilogue for few rows,
 // through a temporary for many, for every variant; then once more with tuning on for a fresh
 // shape, whose timing launches must not add into y.
@@ -237,7 +353,7 @@ TEST(CudaOps, AccumulatingProductsMatchCpu) {
     const bool gemv = M <= 8;
     expect_close(y, expected, gemv ? (bits ? 1e-4 : 1e-5) : 1e-2, what);
   };
-  for (int variant = 0; variant < 7; ++variant) {
+  for (int variant = 0; variant < 4; ++variant) {
     cuda::set_gemv_variant_for_testing(variant);
     for (int bits : {0, 4, 8})
       for (int64_t M : {1, 3, 17})

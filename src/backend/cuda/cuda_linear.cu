@@ -296,133 +296,6 @@ __global__ void __launch_bounds__(kGemvThreads)
   block_reduce_store<M, R>(acc, n0, N, bias, residual, y);
 }
 
-// Warp-per-rows variant for single-row quantized products. The block-per-rows kernel above
-// loads one 16-byte chunk per row and thread, computes, and ends with a block reduction: with
-// K = 4096 each thread runs one iteration, so a warp has a single round of weight loads in
-// flight and then waits on them (profiles: ~20% of DRAM bandwidth, stalls on the L1TEX
-// scoreboard, 25-40% occupancy). Here a warp owns RT rows outright and its lanes stride over
-// the chunks of K, loading chunk c + 32 of every row before computing chunk c, so each warp
-// keeps two rounds of weight loads in flight, and the reduction is a warp shuffle (no barrier).
-// Activations are read a word (8 values) at a time to keep registers for the loads.
-struct QuantRow {
-  const uint4* codes = nullptr;  // the row's first 16-byte chunk
-  const void* scales = nullptr;  // the row's first group parameter
-  const void* biases = nullptr;
-};
-
-__device__ __forceinline__ const void* param_row(const void* base, DType dtype, int64_t offset) {
-  return static_cast<const char*>(base) + offset * (dtype == DType::F32 ? 4 : 2);
-}
-
-// acc[r] = sum_k (s q + b)[row r, k] * xn[k], with xn = x * norm_weight when given (then
-// sum_sq = sum x^2), reduced over the warp: every lane holds the totals.
-template <int kBits, int RT>
-__device__ __forceinline__ void warp_quant_dots(const float* __restrict__ x,
-                                                const float* __restrict__ norm_weight, int64_t K,
-                                                int group_size, DType param_dtype,
-                                                const QuantRow (&rows)[RT], float (&acc)[RT],
-                                                float& sum_sq) {
-  constexpr int kPerChunk = 128 / kBits;
-  constexpr int kPerWord = kPerChunk / 4;
-  const int lane = threadIdx.x % 32;
-  const int64_t chunks = K / kPerChunk;
-#pragma unroll
-  for (int r = 0; r < RT; ++r) acc[r] = 0.0f;
-  sum_sq = 0.0f;
-  uint4 next[RT];
-  if (lane < chunks)
-#pragma unroll
-    for (int r = 0; r < RT; ++r) next[r] = __ldcs(rows[r].codes + lane);
-  for (int64_t c = lane; c < chunks; c += 32) {
-    uint4 raw[RT];
-#pragma unroll
-    for (int r = 0; r < RT; ++r) raw[r] = next[r];
-    if (c + 32 < chunks)
-#pragma unroll
-      for (int r = 0; r < RT; ++r) next[r] = __ldcs(rows[r].codes + c + 32);
-    const int64_t g = c * kPerChunk / group_size;
-    float dot[RT];
-#pragma unroll
-    for (int r = 0; r < RT; ++r) dot[r] = 0.0f;
-    float xs = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float xv[kPerWord];
-      const float4* xr = reinterpret_cast<const float4*>(x + c * kPerChunk + i * kPerWord);
-#pragma unroll
-      for (int v = 0; v < kPerWord / 4; ++v) {
-        float4 a = xr[v];
-        if (norm_weight) {
-          sum_sq += (a.x * a.x + a.y * a.y) + (a.z * a.z + a.w * a.w);
-          const float4 w = reinterpret_cast<const float4*>(norm_weight + c * kPerChunk +
-                                                           i * kPerWord)[v];
-          a = make_float4(a.x * w.x, a.y * w.y, a.z * w.z, a.w * w.w);
-        }
-        xv[4 * v] = a.x;
-        xv[4 * v + 1] = a.y;
-        xv[4 * v + 2] = a.z;
-        xv[4 * v + 3] = a.w;
-        xs += (a.x + a.y) + (a.z + a.w);
-      }
-#pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        const uint32_t word = i == 0 ? raw[r].x : i == 1 ? raw[r].y : i == 2 ? raw[r].z : raw[r].w;
-        if constexpr (kBits == 8) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) dot[r] = fmaf(xv[j], code_from_byte(word, j), dot[r]);
-        } else {
-          const uint32_t lo = word & 0x0f0f0f0fu, hi = (word >> 4) & 0x0f0f0f0fu;
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            dot[r] = fmaf(xv[2 * j], code_from_byte(lo, j), dot[r]);
-            dot[r] = fmaf(xv[2 * j + 1], code_from_byte(hi, j), dot[r]);
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < RT; ++r)
-      acc[r] += load_f32(rows[r].scales, param_dtype, g) * dot[r] +
-                load_f32(rows[r].biases, param_dtype, g) * xs;
-  }
-#pragma unroll
-  for (int r = 0; r < RT; ++r)
-    for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
-  for (int o = 16; o > 0; o >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, o);
-}
-
-constexpr int kWarpsPerQuantBlock = 4;
-
-template <int kBits, int R>
-__global__ void __launch_bounds__(kWarpsPerQuantBlock * 32)
-    gemv_quant_warp_kernel(const float* __restrict__ x, const uint32_t* __restrict__ packed,
-                           const void* __restrict__ scales, const void* __restrict__ biases,
-                           DType param_dtype, int group_size, const float* __restrict__ bias,
-                           const float* residual, float* y, int64_t N, int64_t K) {
-  constexpr int kPerChunk = 128 / kBits;
-  const int64_t n0 = (int64_t(blockIdx.x) * kWarpsPerQuantBlock + threadIdx.x / 32) * R;
-  const int64_t chunks = K / kPerChunk, groups = K / group_size;
-  QuantRow rows[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int64_t n = n0 + r < N ? n0 + r : N - 1;  // rows past N compute and are dropped
-    rows[r].codes = reinterpret_cast<const uint4*>(packed) + n * chunks;
-    rows[r].scales = param_row(scales, param_dtype, n * groups);
-    rows[r].biases = param_row(biases, param_dtype, n * groups);
-    if (n0 < N && threadIdx.x % 32 < chunks) prefetch_l2(rows[r].codes + threadIdx.x % 32);
-  }
-  pdl_wait();
-  pdl_trigger();
-  if (n0 >= N) return;
-  float acc[R], sum_sq;
-  warp_quant_dots<kBits, R>(x, nullptr, K, group_size, param_dtype, rows, acc, sum_sq);
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-    if (lane == r && n0 + r < N)
-      y[n0 + r] = acc[r] + (bias ? bias[n0 + r] : 0.0f) + (residual ? residual[n0 + r] : 0.0f);
-}
-
 // Word-wise expansion for 4- and 8-bit codes (a word never straddles a group): one thread per
 // packed word, one 16- or 8-byte store of bf16 per thread.
 template <int kBits>
@@ -737,34 +610,22 @@ void launch_gemv_quant_r(const float* x, const QuantizedTensor& q, const float* 
              q.group_size, bias, residual, y, N, K);
 }
 
-template <int kBits, int R>
-void launch_gemv_quant_warp(const float* x, const QuantizedTensor& q, const float* bias,
-                            const float* residual, float* y, int64_t N, int64_t K) {
-  const int64_t units = (N + R - 1) / R;
-  const unsigned blocks = unsigned((units + kWarpsPerQuantBlock - 1) / kWarpsPerQuantBlock);
-  launch_pdl(gemv_quant_warp_kernel<kBits, R>, blocks, kWarpsPerQuantBlock * 32, 0, x,
-             q.weight.data<uint32_t>(), q.scales.raw(), q.biases.raw(), q.scales.dtype(),
-             q.group_size, bias, residual, y, N, K);
-}
-
 // Rows per block: more rows share each activation load and put more weight bytes in flight
-// per thread, fewer rows give narrow products a block on every SM; single-row products time
-// the choices once per shape (0-3 block per rows, 4-6 warp per rows). Several rows of x keep
-// R small so registers stay bounded.
+// per thread, fewer rows give narrow products a block on every SM. These float kernels serve
+// several rows of x, and single rows whose activations do not fit the fixed-point kernel's
+// shared memory (those time the choices once per shape). Several rows keep R small so
+// registers stay bounded.
 template <int M, int kBits>
 void launch_gemv_quant_bits(const float* x, const QuantizedTensor& q, const float* bias,
                             const float* residual, float* y, int64_t N, int64_t K) {
   if constexpr (M == 1) {
-    run_tuned(TuneKey{N, K, kBits * 100 + q.group_size}, 7, N, residual, y,
+    run_tuned(TuneKey{N, K, kBits * 100 + q.group_size}, 4, N, residual, y,
               [&](int v, const float* res, float* out) {
                 switch (v) {
                   case 0: launch_gemv_quant_r<M, kBits, 4>(x, q, bias, res, out, N, K); break;
                   case 1: launch_gemv_quant_r<M, kBits, 8>(x, q, bias, res, out, N, K); break;
                   case 2: launch_gemv_quant_r<M, kBits, 16>(x, q, bias, res, out, N, K); break;
-                  case 3: launch_gemv_quant_r<M, kBits, 2>(x, q, bias, res, out, N, K); break;
-                  case 4: launch_gemv_quant_warp<kBits, 4>(x, q, bias, res, out, N, K); break;
-                  case 5: launch_gemv_quant_warp<kBits, 8>(x, q, bias, res, out, N, K); break;
-                  default: launch_gemv_quant_warp<kBits, 2>(x, q, bias, res, out, N, K); break;
+                  default: launch_gemv_quant_r<M, kBits, 2>(x, q, bias, res, out, N, K); break;
                 }
               });
   } else {
@@ -818,6 +679,7 @@ struct GemvSegment {
   const void* biases = nullptr;
   const float* bias = nullptr;   // [N] or null
   float* y = nullptr;            // [N]
+  const float* residual = nullptr;  // added to y (may alias it); fixed-point kernel only
   int64_t N = 0;
   int64_t first_block = 0;
 };
@@ -952,52 +814,266 @@ __global__ void __launch_bounds__(kGemvThreads)
   }
 }
 
-// The fused launch for quantized layers with the warp-per-rows layout of
-// gemv_quant_warp_kernel: a warp owns R rows of one segment (R gate and R up rows when gated).
-template <int kBits, int R, bool kGated>
-__global__ void __launch_bounds__(kWarpsPerQuantBlock * 32)
-    gemv_multi_quant_warp_kernel(const float* __restrict__ x, GemvSegments segs, int64_t K,
-                                 const float* __restrict__ norm_weight, float norm_eps) {
+// ------------------------------------------------------------------------------------------
+// Single-row 4/8-bit products in integer arithmetic (decode at batch 1).
+//
+// Dequantizing in float costs about three instructions per weight (byte permute, subtract,
+// FMA); at HBM rates that fills the issue slots and leaves the loads waiting (Nsight Compute on
+// the float kernels above: 12-20% of DRAM bandwidth). Here each block first converts x (times
+// the norm weight, when a norm is folded in) to 16-bit fixed point per weight group, as the
+// CPU VNNI kernels do: dx = max|x_g| / 32767, xq = round(x / dx). The codes then multiply as
+// integers with dp2a (two 16 x 8-bit products and an add in one instruction):
+//     sum_k (s q_k + b) x_k  =  s dx sum_k q_k xq_k + b sum_k x_k + error,
+// the integer sums exact and |x_k - dx xq_k| <= dx / 2, so each output is within
+// 2^-16 sum_g max|x_g| sum_k |s q_k| of the float product (checked by the tests). A 4-bit word
+// splits into its even and odd nibbles with two masks: 8 weights in 6 instructions.
+// A group holding inf or NaN makes the outputs NaN.
+//
+// Shared memory: {dx, sum x} per group, then the fixed-point activations, word-major within
+// 16-byte chunks of codes ((word j of chunk c) at j * chunks + c) so that the lanes of a warp,
+// which read consecutive chunks, never hit the same bank. After the conversion each warp takes
+// R rows at a time (R gate and R up rows when gated), its lanes striding over the rows' chunks
+// with kUnroll chunks of every row loaded before any is used.
+constexpr int kFixedWarps = 16;
+constexpr size_t kFixedMaxSmem = 48 * 1024;  // the default limit; larger K takes the float path
+
+size_t fixed_smem_bytes(int64_t K, int group_size) {
+  const size_t params = size_t(K / group_size) * sizeof(float2);
+  return (params + 15) / 16 * 16 + size_t(K) * sizeof(int16_t);
+}
+
+bool fixed_point_fits(int bits, int group_size, int64_t K) {
+  return (bits == 4 || bits == 8) && (group_size == 32 || group_size == 64 || group_size == 128) &&
+         K % group_size == 0 && fixed_smem_bytes(K, group_size) <= kFixedMaxSmem;
+}
+
+__device__ __forceinline__ const void* param_row(const void* base, DType dtype, int64_t offset) {
+  return static_cast<const char*>(base) + offset * (dtype == DType::F32 ? 4 : 2);
+}
+
+// acc + the 16-bit halves of x16x2 times bytes 0-1 (lo) or 2-3 (hi) of codes, codes unsigned.
+__device__ __forceinline__ int dp2a_lo(uint32_t x16x2, uint32_t codes, int acc) {
+  int d;
+  asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(x16x2), "r"(codes), "r"(acc));
+  return d;
+}
+__device__ __forceinline__ int dp2a_hi(uint32_t x16x2, uint32_t codes, int acc) {
+  int d;
+  asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(x16x2), "r"(codes), "r"(acc));
+  return d;
+}
+__device__ __forceinline__ uint32_t pack16x2(int lo, int hi) {
+  return (uint32_t(lo) & 0xffffu) | (uint32_t(hi) << 16);
+}
+
+// One word of fixed-point activations per word of codes: 4-bit, 8 values in the order the
+// nibble split produces (even codes 0 2 | 4 6, odd codes 1 3 | 5 7); 8-bit, 4 values in order.
+template <int kBits>
+using FixedWord = std::conditional_t<kBits == 4, uint4, uint2>;
+
+// Writes x (times norm_weight) in fixed point; returns this thread's share of sum x^2.
+template <int kBits>
+__device__ __forceinline__ float convert_activations(const float* __restrict__ x,
+                                                     const float* __restrict__ norm_weight,
+                                                     int64_t K, int group_size,
+                                                     float2* group_params,
+                                                     FixedWord<kBits>* xq) {
+  constexpr int kPerWord = 32 / kBits;
+  const int64_t words = K / kPerWord, chunks = words / 4;
+  const int lanes_per_group = group_size / kPerWord;  // 4..32, a power of two
+  float sum_sq = 0.0f;
+  for (int64_t base = 0; base < words; base += blockDim.x) {
+    const int64_t w = base + threadIdx.x;
+    const bool active = w < words;
+    float v[kPerWord];
+#pragma unroll
+    for (int i = 0; i < kPerWord / 4; ++i) {
+      float4 a = active ? reinterpret_cast<const float4*>(x + w * kPerWord)[i]
+                        : make_float4(0.f, 0.f, 0.f, 0.f);
+      if (norm_weight) {
+        sum_sq += (a.x * a.x + a.y * a.y) + (a.z * a.z + a.w * a.w);
+        const float4 g = active ? reinterpret_cast<const float4*>(norm_weight + w * kPerWord)[i]
+                                : make_float4(0.f, 0.f, 0.f, 0.f);
+        a = make_float4(a.x * g.x, a.y * g.y, a.z * g.z, a.w * g.w);
+      }
+      v[4 * i] = a.x;
+      v[4 * i + 1] = a.y;
+      v[4 * i + 2] = a.z;
+      v[4 * i + 3] = a.w;
+    }
+    float peak = 0.0f, sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPerWord; ++i) {
+      peak = fmaxf(peak, fabsf(v[i]));
+      sum += v[i];
+    }
+    // The lanes of one group are consecutive and aligned (blockDim.x is a multiple of 32).
+    for (int o = 1; o < lanes_per_group; o <<= 1) {
+      peak = fmaxf(peak, __shfl_xor_sync(0xffffffffu, peak, o));
+      sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    }
+    if (!active) continue;
+    // fmaxf drops NaN, the sum keeps it (and inf); such a group's outputs become NaN.
+    const bool finite = isfinite(sum) && isfinite(peak);
+    const float inv = finite && peak > 0.0f ? 32767.0f / peak : 0.0f;
+    int q[kPerWord];
+#pragma unroll
+    for (int i = 0; i < kPerWord; ++i) q[i] = finite ? __float2int_rn(v[i] * inv) : 0;
+    FixedWord<kBits> word;
+    if constexpr (kBits == 4) {
+      word = make_uint4(pack16x2(q[0], q[2]), pack16x2(q[4], q[6]), pack16x2(q[1], q[3]),
+                        pack16x2(q[5], q[7]));
+    } else {
+      word = make_uint2(pack16x2(q[0], q[1]), pack16x2(q[2], q[3]));
+    }
+    xq[(w % 4) * chunks + w / 4] = word;
+    if (threadIdx.x % lanes_per_group == 0)
+      group_params[w * kPerWord / group_size] =
+          make_float2(peak / 32767.0f, finite ? sum : __int_as_float(0x7fc00000));
+  }
+  return sum_sq;
+}
+
+// Integer dot of one 16-byte chunk of codes with its fixed-point activations.
+template <int kBits>
+__device__ __forceinline__ int chunk_dot_fixed(const uint4& raw, const FixedWord<kBits> (&xw)[4]) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+  int dot = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if constexpr (kBits == 4) {
+      const uint32_t even = words[j] & 0x0f0f0f0fu, odd = (words[j] >> 4) & 0x0f0f0f0fu;
+      dot = dp2a_lo(xw[j].x, even, dot);
+      dot = dp2a_hi(xw[j].y, even, dot);
+      dot = dp2a_lo(xw[j].z, odd, dot);
+      dot = dp2a_hi(xw[j].w, odd, dot);
+    } else {
+      dot = dp2a_lo(xw[j].x, words[j], dot);
+      dot = dp2a_hi(xw[j].y, words[j], dot);
+    }
+  }
+  return dot;
+}
+
+template <int kBits, int R, int kUnroll, bool kGated>
+__global__ void __launch_bounds__(kFixedWarps * 32)
+    gemv_fixed_kernel(const float* __restrict__ x, GemvSegments segs, int64_t K,
+                      const float* __restrict__ norm_weight, float norm_eps) {
   constexpr int RT = kGated ? 2 * R : R;
   constexpr int kPerChunk = 128 / kBits;
-  const int64_t unit = int64_t(blockIdx.x) * kWarpsPerQuantBlock + threadIdx.x / 32;
-  int si = 0;
-  if (!kGated) {
-    if (segs.count > 1 && unit >= segs.seg[1].first_block) si = 1;
-    if (segs.count > 2 && unit >= segs.seg[2].first_block) si = 2;
-  }
-  const GemvSegment& s0 = segs.seg[si];
-  const GemvSegment& s1 = segs.seg[kGated ? 1 : si];
-  const int64_t N = s0.N;
-  const int64_t n0 = (unit - s0.first_block) * R;  // units past the last segment get n0 >= N
+  extern __shared__ uint4 fixed_smem[];
   const int64_t chunks = K / kPerChunk, groups = K / segs.group_size;
-  QuantRow rows[RT];
+  float2* group_params = reinterpret_cast<float2*>(fixed_smem);
+  auto* xq = reinterpret_cast<FixedWord<kBits>*>(fixed_smem + (groups * sizeof(float2) + 15) / 16);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t tile_stride = int64_t(gridDim.x) * kFixedWarps;
+
+  // Rows of tile t: R rows of one segment (gated: R gate rows, then the same R up rows).
+  struct Rows {
+    const uint4* codes[RT];
+    const void* scales[RT];
+    const void* biases[RT];
+    int si;
+    int64_t n0;
+  };
+  auto rows_of = [&](int64_t tile) {
+    Rows r;
+    r.si = 0;
+    if (!kGated) {
+      if (segs.count > 1 && tile >= segs.seg[1].first_block) r.si = 1;
+      if (segs.count > 2 && tile >= segs.seg[2].first_block) r.si = 2;
+    }
+    const GemvSegment& s0 = segs.seg[r.si];
+    r.n0 = (tile - s0.first_block) * R;
 #pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    const GemvSegment& seg = (kGated && r >= R) ? s1 : s0;
-    const int64_t n = n0 + r % R < N ? n0 + r % R : N - 1;
-    rows[r].codes = static_cast<const uint4*>(seg.w) + n * chunks;
-    rows[r].scales = param_row(seg.scales, segs.param_dtype, n * groups);
-    rows[r].biases = param_row(seg.biases, segs.param_dtype, n * groups);
-    if (n0 < N && threadIdx.x % 32 < chunks) prefetch_l2(rows[r].codes + threadIdx.x % 32);
+    for (int i = 0; i < RT; ++i) {
+      const GemvSegment& s = (kGated && i >= R) ? segs.seg[1] : s0;
+      const int64_t n = r.n0 + i % R < s0.N ? r.n0 + i % R : s0.N - 1;  // past N: dropped
+      r.codes[i] = static_cast<const uint4*>(s.w) + n * chunks;
+      r.scales[i] = param_row(s.scales, segs.param_dtype, n * groups);
+      r.biases[i] = param_row(s.biases, segs.param_dtype, n * groups);
+    }
+    return r;
+  };
+
+  // Weights are constant: the first tile's first chunks may be fetched before the predecessor
+  // kernel finishes (programmatic dependent launch) and while x is being converted.
+  const int64_t first = int64_t(blockIdx.x) * kFixedWarps + warp;
+  if (first < segs.units) {
+    const Rows r = rows_of(first);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (lane + 32 * u < chunks)
+#pragma unroll
+        for (int i = 0; i < RT; ++i) prefetch_l2(r.codes[i] + lane + 32 * u);
   }
   pdl_wait();
   pdl_trigger();
-  if (n0 >= N) return;
-  float acc[RT], sum_sq;
-  warp_quant_dots<kBits, RT>(x, norm_weight, K, segs.group_size, segs.param_dtype, rows, acc,
-                             sum_sq);
-  const float scale = norm_weight ? 1.0f / sqrtf(sum_sq / float(K) + norm_eps) : 1.0f;
-  const int lane = threadIdx.x % 32;
+
+  float sum_sq = convert_activations<kBits>(x, norm_weight, K, segs.group_size, group_params, xq);
+  __shared__ float warp_sums[kFixedWarps];
+  if (norm_weight) {
+    for (int o = 16; o > 0; o >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, o);
+    if (lane == 0) warp_sums[warp] = sum_sq;
+  }
+  __syncthreads();
+  float scale = 1.0f;
+  if (norm_weight) {
+    float total = 0.0f;
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int64_t n = n0 + r;
-    if (lane != r || n >= N) continue;
-    const float a = acc[r] * scale + (s0.bias ? s0.bias[n] : 0.0f);
-    if constexpr (kGated) {
-      s0.y[n] = silu_times(a, acc[R + r] * scale + (s1.bias ? s1.bias[n] : 0.0f));
-    } else {
-      s0.y[n] = a;
+    for (int w = 0; w < kFixedWarps; ++w) total += warp_sums[w];
+    scale = 1.0f / sqrtf(total / float(K) + norm_eps);
+  }
+
+  for (int64_t tile = first; tile < segs.units; tile += tile_stride) {
+    const Rows r = rows_of(tile);
+    float acc[RT];
+#pragma unroll
+    for (int i = 0; i < RT; ++i) acc[i] = 0.0f;
+    for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
+      uint4 raw[kUnroll][RT];
+      float sc[kUnroll][RT], bi[kUnroll][RT];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t c = c0 + 32 * u;
+        if (c >= chunks) continue;
+        const int64_t g = c * kPerChunk / segs.group_size;
+#pragma unroll
+        for (int i = 0; i < RT; ++i) {
+          raw[u][i] = __ldcs(r.codes[i] + c);
+          sc[u][i] = load_f32(r.scales[i], segs.param_dtype, g);
+          bi[u][i] = load_f32(r.biases[i], segs.param_dtype, g);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t c = c0 + 32 * u;
+        if (c >= chunks) continue;
+        FixedWord<kBits> xw[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) xw[j] = xq[j * chunks + c];
+        const float2 gp = group_params[c * kPerChunk / segs.group_size];
+#pragma unroll
+        for (int i = 0; i < RT; ++i)
+          acc[i] += sc[u][i] * gp.x * float(chunk_dot_fixed<kBits>(raw[u][i], xw)) +
+                    bi[u][i] * gp.y;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < RT; ++i)
+      for (int o = 16; o > 0; o >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
+    const GemvSegment& s0 = segs.seg[r.si];
+    const GemvSegment& s1 = segs.seg[kGated ? 1 : r.si];
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int64_t n = r.n0 + i;
+      if (lane != i || n >= s0.N) continue;
+      const float a = acc[i] * scale + (s0.bias ? s0.bias[n] : 0.0f);
+      if constexpr (kGated) {
+        s0.y[n] = silu_times(a, acc[R + i] * scale + (s1.bias ? s1.bias[n] : 0.0f));
+      } else {
+        s0.y[n] = a + (s0.residual ? s0.residual[n] : 0.0f);
+      }
     }
   }
 }
@@ -1064,17 +1140,7 @@ void launch_multi(const float* x, const std::vector<const Linear*>& layers,
              0, x, s, K, norm ? norm->weight.data<float>() : nullptr, norm ? norm->eps : 0.0f);
 }
 
-template <int kBits, int R, bool kGated>
-void launch_multi_warp(const float* x, const std::vector<const Linear*>& layers,
-                       const std::vector<float*>& ys, int64_t K, const RMSNorm* norm) {
-  const GemvSegments s = make_segments(layers, ys, R, kGated);
-  const int64_t blocks = (s.units + kWarpsPerQuantBlock - 1) / kWarpsPerQuantBlock;
-  launch_pdl(gemv_multi_quant_warp_kernel<kBits, R, kGated>, unsigned(blocks),
-             kWarpsPerQuantBlock * 32, 0, x, s, K, norm ? norm->weight.data<float>() : nullptr,
-             norm ? norm->eps : 0.0f);
-}
-
-// Variants 0-2: block per rows (every format); 3-5: warp per rows (4/8-bit only).
+// Variants 0-2: block per rows (every format).
 template <int kBits, bool kGated>
 void launch_multi_tuned(const float* x, const std::vector<const Linear*>& layers,
                         const std::vector<float*>& ys, int64_t K, const RMSNorm* norm) {
@@ -1084,44 +1150,125 @@ void launch_multi_tuned(const float* x, const std::vector<const Linear*>& layers
     switch (v) {
       case 0: launch_multi<kBits, 4, kGated>(x, layers, ys, K, norm); break;
       case 1: launch_multi<kBits, 8, kGated>(x, layers, ys, K, norm); break;
-      case 2: launch_multi<kBits, 2, kGated>(x, layers, ys, K, norm); break;
-      default:
-        if constexpr (kBits != 0) {
-          if (v == 3) launch_multi_warp<kBits, 4, kGated>(x, layers, ys, K, norm);
-          else if (v == 4) launch_multi_warp<kBits, 2, kGated>(x, layers, ys, K, norm);
-          else launch_multi_warp<kBits, kGated ? 1 : 8, kGated>(x, layers, ys, K, norm);
-        }
-        break;
+      default: launch_multi<kBits, 2, kGated>(x, layers, ys, K, norm); break;
     }
   };
-  run(tuned_variant(TuneKey{total, K, 1000 * (kGated ? 2 : 1) + kBits}, kBits ? 6 : 3, run));
+  run(tuned_variant(TuneKey{total, K, 1000 * (kGated ? 2 : 1) + kBits}, 3, run));
+}
+
+template <int kBits, int R, int kUnroll, bool kGated>
+void launch_fixed(const float* x, const GemvSegments& s, int64_t K, const RMSNorm* norm) {
+  // Blocks beyond what the SMs hold at once would only repeat the activation conversion: the
+  // resident blocks loop over the tiles instead.
+  static const int per_sm = [] {
+    int blocks = 0;
+    MOXIN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &blocks, gemv_fixed_kernel<kBits, R, kUnroll, kGated>, kFixedWarps * 32, kFixedMaxSmem));
+    return std::max(blocks, 1);
+  }();
+  const int64_t resident = int64_t(per_sm) * properties().multiProcessorCount;
+  const int64_t blocks = std::min((s.units + kFixedWarps - 1) / kFixedWarps, resident);
+  launch_pdl(gemv_fixed_kernel<kBits, R, kUnroll, kGated>, unsigned(blocks), kFixedWarps * 32,
+             fixed_smem_bytes(K, s.group_size), x, s, K,
+             norm ? norm->weight.data<float>() : nullptr, norm ? norm->eps : 0.0f);
+}
+
+// Variant v of the fixed-point kernel: rows per warp R and chunks in flight per row, so that
+// each lane keeps 4-8 loads of 16 bytes outstanding. make(R) builds the segments for R.
+constexpr int fixed_variants(bool gated) { return gated ? 3 : 4; }
+
+template <int kBits, bool kGated, class MakeSegments>
+void launch_fixed_variant(int v, const float* x, int64_t K, const RMSNorm* norm,
+                          const MakeSegments& make) {
+  if constexpr (kGated) {
+    switch (v) {
+      case 0: launch_fixed<kBits, 1, 4, true>(x, make(1), K, norm); break;
+      case 1: launch_fixed<kBits, 2, 2, true>(x, make(2), K, norm); break;
+      default: launch_fixed<kBits, 1, 2, true>(x, make(1), K, norm); break;
+    }
+  } else {
+    switch (v) {
+      case 0: launch_fixed<kBits, 2, 4, false>(x, make(2), K, norm); break;
+      case 1: launch_fixed<kBits, 1, 4, false>(x, make(1), K, norm); break;
+      case 2: launch_fixed<kBits, 4, 2, false>(x, make(4), K, norm); break;
+      default: launch_fixed<kBits, 1, 8, false>(x, make(1), K, norm); break;
+    }
+  }
+}
+
+template <int kBits, bool kGated>
+void launch_multi_fixed(const float* x, const std::vector<const Linear*>& layers,
+                        const std::vector<float*>& ys, int64_t K, const RMSNorm* norm) {
+  int64_t total = 0;
+  for (const Linear* l : layers) total += l->out_features();
+  auto run = [&](int v) {
+    launch_fixed_variant<kBits, kGated>(
+        v, x, K, norm, [&](int R) { return make_segments(layers, ys, R, kGated); });
+  };
+  run(tuned_variant(TuneKey{total, K, 3000 * (kGated ? 2 : 1) + kBits}, fixed_variants(kGated),
+                    run));
+}
+
+// y (+ residual) = x W^T + bias for a single row of x.
+template <int kBits>
+void launch_single_fixed(const float* x, const QuantizedTensor& q, const float* bias,
+                         const float* residual, float* y, int64_t N, int64_t K) {
+  run_tuned(TuneKey{N, K, 2000 + kBits * 100 + q.group_size}, fixed_variants(false), N, residual,
+            y, [&](int v, const float* res, float* out) {
+              launch_fixed_variant<kBits, false>(v, x, K, nullptr, [&](int R) {
+                GemvSegments s;
+                s.count = 1;
+                s.param_dtype = q.scales.dtype();
+                s.group_size = q.group_size;
+                s.units = (N + R - 1) / R;
+                GemvSegment& g = s.seg[0];
+                g.w = q.weight.raw();
+                g.scales = q.scales.raw();
+                g.biases = q.biases.raw();
+                g.bias = bias;
+                g.residual = res;
+                g.y = out;
+                g.N = N;
+                return s;
+              });
+            });
+}
+
+// Diagnostics: MOXIN_CUDA_QUANT_PATH forces one product path for quantized layers, so the
+// implementations can be compared on a real checkpoint: gemv (the GEMV kernels at every M) or
+// dense (dequantize + cuBLASLt at every M); float keeps the default choice by M but runs single
+// rows through the float GEMV kernels instead of the fixed-point ones. Default: GEMV for
+// M <= kGemvMaxRows (fixed point for one row where it fits), dequantize + cuBLASLt above.
+enum class QuantPath { Auto, Gemv, Dense, Float };
+QuantPath quant_path() {
+  static const QuantPath path = [] {
+    const char* v = std::getenv("MOXIN_CUDA_QUANT_PATH");
+    if (v && std::strcmp(v, "gemv") == 0) return QuantPath::Gemv;
+    if (v && std::strcmp(v, "dense") == 0) return QuantPath::Dense;
+    if (v && std::strcmp(v, "float") == 0) return QuantPath::Float;
+    return QuantPath::Auto;
+  }();
+  return path;
+}
+
+bool use_fixed_point(int bits, int group_size, int64_t K) {
+  return quant_path() != QuantPath::Float && fixed_point_fits(bits, group_size, K);
 }
 
 // bits 4 / 8: MLX codes; 0: bf16 weights.
 template <bool kGated>
 void launch_multi_for_bits(int bits, const float* x, const std::vector<const Linear*>& layers,
                            const std::vector<float*>& ys, int64_t K, const RMSNorm* norm) {
+  const int group_size = bits ? layers[0]->quantized->group_size : 0;
   if (bits == 4) {
-    launch_multi_tuned<4, kGated>(x, layers, ys, K, norm);
+    if (use_fixed_point(bits, group_size, K)) launch_multi_fixed<4, kGated>(x, layers, ys, K, norm);
+    else launch_multi_tuned<4, kGated>(x, layers, ys, K, norm);
   } else if (bits == 8) {
-    launch_multi_tuned<8, kGated>(x, layers, ys, K, norm);
+    if (use_fixed_point(bits, group_size, K)) launch_multi_fixed<8, kGated>(x, layers, ys, K, norm);
+    else launch_multi_tuned<8, kGated>(x, layers, ys, K, norm);
   } else {
     launch_multi_tuned<0, kGated>(x, layers, ys, K, norm);
   }
-}
-
-// Diagnostics: MOXIN_CUDA_QUANT_PATH=gemv|dense forces one product path for quantized layers
-// at every M (default: GEMV for M <= kGemvMaxRows, dequantize + cuBLASLt above), so the two
-// implementations can be compared on a real checkpoint.
-enum class QuantPath { Auto, Gemv, Dense };
-QuantPath quant_path() {
-  static const QuantPath path = [] {
-    const char* v = std::getenv("MOXIN_CUDA_QUANT_PATH");
-    if (v && std::strcmp(v, "gemv") == 0) return QuantPath::Gemv;
-    if (v && std::strcmp(v, "dense") == 0) return QuantPath::Dense;
-    return QuantPath::Auto;
-  }();
-  return path;
 }
 
 }  // namespace
@@ -1179,8 +1326,14 @@ void linear_into(const Tensor& x, const Linear& layer, Tensor& y, bool accumulat
       throw_error(ErrorKind::Compute, "linear: quantization parameters are not on the GPU");
     const bool fast_bits = q->bits == 4 || q->bits == 8;
     const QuantPath path = quant_path();
-    const bool use_gemv = path == QuantPath::Gemv || (path == QuantPath::Auto && M <= kGemvMaxRows);
+    const bool use_gemv =
+        path == QuantPath::Gemv || (path != QuantPath::Dense && M <= kGemvMaxRows);
     if (use_gemv && fast_bits && reinterpret_cast<uintptr_t>(xp) % 16 == 0) {
+      if (M == 1 && use_fixed_point(q->bits, q->group_size, K)) {
+        if (q->bits == 4) launch_single_fixed<4>(xp, *q, bias, residual, yp, N, K);
+        else launch_single_fixed<8>(xp, *q, bias, residual, yp, N, K);
+        return;
+      }
       for (int64_t m0 = 0; m0 < M; m0 += kGemvMaxRows) {
         const int64_t rows = std::min<int64_t>(kGemvMaxRows, M - m0);
         dispatch_rows<GemvQuant>(rows, xp + m0 * K, *q, bias,
