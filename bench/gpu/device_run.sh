@@ -100,6 +100,9 @@ if [[ $what != tests ]]; then
       grep "tune" "$out/quick_$1_$2.err" | head -20
     done
     pack
+    echo "== ncu: 4-bit decode products"
+    bench/gpu/profile_decode.sh "$dist/moxin-vlm" /tmp/moxin-full "$out/ncu_q4.txt" 4 | head -80
+    pack
     if command -v nsys >/dev/null; then
       for bits in 16 4; do
         quant=(); [[ $bits != 16 ]] && quant=(--quantize $bits --group-size 64)

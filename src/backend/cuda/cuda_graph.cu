@@ -180,6 +180,16 @@ void DecodeGraph::check_room() const {
 
 void DecodeGraph::record() {
   Impl& s = *impl_;
+  // One eager step at the same position first: kernels that pick a variant by timing, or keep
+  // buffers for the process, settle outside the recording. The recorded step then rewrites the
+  // same cache rows with the same values.
+  {
+    std::vector<int64_t> before;
+    for (auto& c : caches_) before.push_back(c->offset());
+    model_.decode_token(s.token, caches_);
+    for (size_t i = 0; i < caches_.size(); ++i)
+      static_cast<StaticKVCache*>(caches_[i].get())->rewind(before[i]);
+  }
   MOXIN_CUDA_CHECK(cudaMemsetAsync(s.delta.raw_mut(), 0, sizeof(int), stream()));
   s.arena.used = 0;
   // Hooks on: fixed addresses, device-side position delta.

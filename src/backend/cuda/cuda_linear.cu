@@ -829,22 +829,26 @@ __global__ void __launch_bounds__(kGemvThreads)
 // splits into its even and odd nibbles with two masks: 8 weights in 6 instructions.
 // A group holding inf or NaN makes the outputs NaN.
 //
-// Shared memory: {dx, sum x} per group, then the fixed-point activations, word-major within
+// Shared memory: {dx of the group, sum of x} per chunk, then the fixed-point activations, word-major within
 // 16-byte chunks of codes ((word j of chunk c) at j * chunks + c) so that the lanes of a warp,
 // which read consecutive chunks, never hit the same bank. After the conversion each warp takes
 // R rows at a time (R gate and R up rows when gated), its lanes striding over the rows' chunks
-// with kUnroll chunks of every row loaded before any is used.
+// with kUnroll chunks of every row per round, and the next round's loads issued before the
+// current round is computed.
 constexpr int kFixedWarps = 16;
 constexpr size_t kFixedMaxSmem = 48 * 1024;  // the default limit; larger K takes the float path
 
-size_t fixed_smem_bytes(int64_t K, int group_size) {
-  const size_t params = size_t(K / group_size) * sizeof(float2);
+// Chunks of 16 bytes of codes per row: 32 weights at 4 bits, 16 at 8 (never across a group).
+int64_t fixed_chunks(int64_t K, int bits) { return K * bits / 128; }
+
+size_t fixed_smem_bytes(int64_t K, int bits) {
+  const size_t params = size_t(fixed_chunks(K, bits)) * sizeof(float2);
   return (params + 15) / 16 * 16 + size_t(K) * sizeof(int16_t);
 }
 
 bool fixed_point_fits(int bits, int group_size, int64_t K) {
   return (bits == 4 || bits == 8) && (group_size == 32 || group_size == 64 || group_size == 128) &&
-         K % group_size == 0 && fixed_smem_bytes(K, group_size) <= kFixedMaxSmem;
+         K % group_size == 0 && fixed_smem_bytes(K, bits) <= kFixedMaxSmem;
 }
 
 __device__ __forceinline__ const void* param_row(const void* base, DType dtype, int64_t offset) {
@@ -876,7 +880,7 @@ template <int kBits>
 __device__ __forceinline__ float convert_activations(const float* __restrict__ x,
                                                      const float* __restrict__ norm_weight,
                                                      int64_t K, int group_size,
-                                                     float2* group_params,
+                                                     float2* chunk_params,
                                                      FixedWord<kBits>* xq) {
   constexpr int kPerWord = 32 / kBits;
   const int64_t words = K / kPerWord, chunks = words / 4;
@@ -901,20 +905,23 @@ __device__ __forceinline__ float convert_activations(const float* __restrict__ x
       v[4 * i + 2] = a.z;
       v[4 * i + 3] = a.w;
     }
-    float peak = 0.0f, sum = 0.0f;
+    float peak = 0.0f, chunk_sum = 0.0f;
 #pragma unroll
     for (int i = 0; i < kPerWord; ++i) {
       peak = fmaxf(peak, fabsf(v[i]));
-      sum += v[i];
+      chunk_sum += v[i];
     }
-    // The lanes of one group are consecutive and aligned (blockDim.x is a multiple of 32).
+    // The lanes of one chunk (4 words) and of one group are consecutive and aligned
+    // (blockDim.x is a multiple of 32).
+    for (int o = 1; o < 4; o <<= 1) chunk_sum += __shfl_xor_sync(0xffffffffu, chunk_sum, o);
+    float group_sum = chunk_sum;
     for (int o = 1; o < lanes_per_group; o <<= 1) {
       peak = fmaxf(peak, __shfl_xor_sync(0xffffffffu, peak, o));
-      sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if (o >= 4) group_sum += __shfl_xor_sync(0xffffffffu, group_sum, o);
     }
     if (!active) continue;
-    // fmaxf drops NaN, the sum keeps it (and inf); such a group's outputs become NaN.
-    const bool finite = isfinite(sum) && isfinite(peak);
+    // fmaxf drops NaN, the sums keep it (and inf); such a group's outputs become NaN.
+    const bool finite = isfinite(group_sum) && isfinite(peak);
     const float inv = finite && peak > 0.0f ? 32767.0f / peak : 0.0f;
     int q[kPerWord];
 #pragma unroll
@@ -927,9 +934,9 @@ __device__ __forceinline__ float convert_activations(const float* __restrict__ x
       word = make_uint2(pack16x2(q[0], q[1]), pack16x2(q[2], q[3]));
     }
     xq[(w % 4) * chunks + w / 4] = word;
-    if (threadIdx.x % lanes_per_group == 0)
-      group_params[w * kPerWord / group_size] =
-          make_float2(peak / 32767.0f, finite ? sum : __int_as_float(0x7fc00000));
+    if (w % 4 == 0)
+      chunk_params[w / 4] =
+          make_float2(peak / 32767.0f, finite ? chunk_sum : __int_as_float(0x7fc00000));
   }
   return sum_sq;
 }
@@ -963,8 +970,8 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   constexpr int kPerChunk = 128 / kBits;
   extern __shared__ uint4 fixed_smem[];
   const int64_t chunks = K / kPerChunk, groups = K / segs.group_size;
-  float2* group_params = reinterpret_cast<float2*>(fixed_smem);
-  auto* xq = reinterpret_cast<FixedWord<kBits>*>(fixed_smem + (groups * sizeof(float2) + 15) / 16);
+  float2* chunk_params = reinterpret_cast<float2*>(fixed_smem);
+  auto* xq = reinterpret_cast<FixedWord<kBits>*>(fixed_smem + (chunks * sizeof(float2) + 15) / 16);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t tile_stride = int64_t(gridDim.x) * kFixedWarps;
 
@@ -1010,7 +1017,7 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   pdl_wait();
   pdl_trigger();
 
-  float sum_sq = convert_activations<kBits>(x, norm_weight, K, segs.group_size, group_params, xq);
+  float sum_sq = convert_activations<kBits>(x, norm_weight, K, segs.group_size, chunk_params, xq);
   __shared__ float warp_sums[kFixedWarps];
   if (norm_weight) {
     for (int o = 16; o > 0; o >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, o);
@@ -1025,56 +1032,80 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
     scale = 1.0f / sqrtf(total / float(K) + norm_eps);
   }
 
-  for (int64_t tile = first; tile < segs.units; tile += tile_stride) {
+  // A warp's work is a sequence of steps (tile, round of 32 * kUnroll chunks). The loads of the
+  // next step are issued before the current one is computed, so every warp keeps its loads in
+  // flight across round and tile boundaries instead of waiting at the start of each.
+  struct Step {
+    uint4 raw[kUnroll][RT];
+    float scale[kUnroll][RT], bias[kUnroll][RT];
+  };
+  const int64_t round_chunks = 32 * kUnroll;
+  auto load_step = [&](int64_t tile, int64_t round, Step& st) {
     const Rows r = rows_of(tile);
-    float acc[RT];
 #pragma unroll
-    for (int i = 0; i < RT; ++i) acc[i] = 0.0f;
-    for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
-      uint4 raw[kUnroll][RT];
-      float sc[kUnroll][RT], bi[kUnroll][RT];
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = round + 32 * u + lane;
+      if (c >= chunks) continue;
+      const int64_t g = c * kPerChunk / segs.group_size;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t c = c0 + 32 * u;
-        if (c >= chunks) continue;
-        const int64_t g = c * kPerChunk / segs.group_size;
+      for (int i = 0; i < RT; ++i) {
+        st.raw[u][i] = __ldcs(r.codes[i] + c);
+        st.scale[u][i] = load_f32(r.scales[i], segs.param_dtype, g);
+        st.bias[u][i] = load_f32(r.biases[i], segs.param_dtype, g);
+      }
+    }
+  };
+  float acc[RT];
 #pragma unroll
-        for (int i = 0; i < RT; ++i) {
-          raw[u][i] = __ldcs(r.codes[i] + c);
-          sc[u][i] = load_f32(r.scales[i], segs.param_dtype, g);
-          bi[u][i] = load_f32(r.biases[i], segs.param_dtype, g);
+  for (int i = 0; i < RT; ++i) acc[i] = 0.0f;
+  int64_t tile = first, round = 0;
+  Step cur;
+  if (tile < segs.units) load_step(tile, round, cur);
+  while (tile < segs.units) {
+    int64_t next_tile = tile, next_round = round + round_chunks;
+    if (next_round >= chunks) {
+      next_tile += tile_stride;
+      next_round = 0;
+    }
+    Step next;
+    if (next_tile < segs.units) load_step(next_tile, next_round, next);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = round + 32 * u + lane;
+      if (c >= chunks) continue;
+      FixedWord<kBits> xw[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) xw[j] = xq[j * chunks + c];
+      const float2 cp = chunk_params[c];
+#pragma unroll
+      for (int i = 0; i < RT; ++i)
+        acc[i] += cur.scale[u][i] * cp.x * float(chunk_dot_fixed<kBits>(cur.raw[u][i], xw)) +
+                  cur.bias[u][i] * cp.y;
+    }
+    if (next_round == 0) {  // the tile is complete
+#pragma unroll
+      for (int i = 0; i < RT; ++i)
+        for (int o = 16; o > 0; o >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
+      const Rows r = rows_of(tile);
+      const GemvSegment& s0 = segs.seg[r.si];
+      const GemvSegment& s1 = segs.seg[kGated ? 1 : r.si];
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        const int64_t n = r.n0 + i;
+        if (lane != i || n >= s0.N) continue;
+        const float a = acc[i] * scale + (s0.bias ? s0.bias[n] : 0.0f);
+        if constexpr (kGated) {
+          s0.y[n] = silu_times(a, acc[R + i] * scale + (s1.bias ? s1.bias[n] : 0.0f));
+        } else {
+          s0.y[n] = a + (s0.residual ? s0.residual[n] : 0.0f);
         }
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t c = c0 + 32 * u;
-        if (c >= chunks) continue;
-        FixedWord<kBits> xw[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) xw[j] = xq[j * chunks + c];
-        const float2 gp = group_params[c * kPerChunk / segs.group_size];
-#pragma unroll
-        for (int i = 0; i < RT; ++i)
-          acc[i] += sc[u][i] * gp.x * float(chunk_dot_fixed<kBits>(raw[u][i], xw)) +
-                    bi[u][i] * gp.y;
-      }
+      for (int i = 0; i < RT; ++i) acc[i] = 0.0f;
     }
-#pragma unroll
-    for (int i = 0; i < RT; ++i)
-      for (int o = 16; o > 0; o >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
-    const GemvSegment& s0 = segs.seg[r.si];
-    const GemvSegment& s1 = segs.seg[kGated ? 1 : r.si];
-#pragma unroll
-    for (int i = 0; i < R; ++i) {
-      const int64_t n = r.n0 + i;
-      if (lane != i || n >= s0.N) continue;
-      const float a = acc[i] * scale + (s0.bias ? s0.bias[n] : 0.0f);
-      if constexpr (kGated) {
-        s0.y[n] = silu_times(a, acc[R + i] * scale + (s1.bias ? s1.bias[n] : 0.0f));
-      } else {
-        s0.y[n] = a + (s0.residual ? s0.residual[n] : 0.0f);
-      }
-    }
+    cur = next;
+    tile = next_tile;
+    round = next_round;
   }
 }
 
@@ -1169,12 +1200,13 @@ void launch_fixed(const float* x, const GemvSegments& s, int64_t K, const RMSNor
   const int64_t resident = int64_t(per_sm) * properties().multiProcessorCount;
   const int64_t blocks = std::min((s.units + kFixedWarps - 1) / kFixedWarps, resident);
   launch_pdl(gemv_fixed_kernel<kBits, R, kUnroll, kGated>, unsigned(blocks), kFixedWarps * 32,
-             fixed_smem_bytes(K, s.group_size), x, s, K,
+             fixed_smem_bytes(K, kBits), x, s, K,
              norm ? norm->weight.data<float>() : nullptr, norm ? norm->eps : 0.0f);
 }
 
-// Variant v of the fixed-point kernel: rows per warp R and chunks in flight per row, so that
-// each lane keeps 4-8 loads of 16 bytes outstanding. make(R) builds the segments for R.
+// Variant v of the fixed-point kernel: rows per warp R and chunks per row and round, so that
+// each lane keeps 2-4 loads of 16 bytes outstanding while it computes the previous round.
+// make(R) builds the segments for R.
 constexpr int fixed_variants(bool gated) { return gated ? 3 : 4; }
 
 template <int kBits, bool kGated, class MakeSegments>
@@ -1182,16 +1214,16 @@ void launch_fixed_variant(int v, const float* x, int64_t K, const RMSNorm* norm,
                           const MakeSegments& make) {
   if constexpr (kGated) {
     switch (v) {
-      case 0: launch_fixed<kBits, 1, 4, true>(x, make(1), K, norm); break;
-      case 1: launch_fixed<kBits, 2, 2, true>(x, make(2), K, norm); break;
-      default: launch_fixed<kBits, 1, 2, true>(x, make(1), K, norm); break;
+      case 0: launch_fixed<kBits, 1, 2, true>(x, make(1), K, norm); break;
+      case 1: launch_fixed<kBits, 1, 3, true>(x, make(1), K, norm); break;
+      default: launch_fixed<kBits, 2, 1, true>(x, make(2), K, norm); break;
     }
   } else {
     switch (v) {
-      case 0: launch_fixed<kBits, 2, 4, false>(x, make(2), K, norm); break;
+      case 0: launch_fixed<kBits, 2, 2, false>(x, make(2), K, norm); break;
       case 1: launch_fixed<kBits, 1, 4, false>(x, make(1), K, norm); break;
-      case 2: launch_fixed<kBits, 4, 2, false>(x, make(4), K, norm); break;
-      default: launch_fixed<kBits, 1, 8, false>(x, make(1), K, norm); break;
+      case 2: launch_fixed<kBits, 4, 1, false>(x, make(4), K, norm); break;
+      default: launch_fixed<kBits, 1, 2, false>(x, make(1), K, norm); break;
     }
   }
 }

@@ -367,14 +367,16 @@ __global__ void __launch_bounds__(128) flash_attention_kernel(AttnArgs a) {
 //
 // Split (flash-decoding): with kSplit, block z takes only the keys [z * kSplitKeys,
 // (z + 1) * kSplitKeys) of the history and writes its partial softmax (max, sum, weighted values)
-// to `partials` [B, Hq, splits, Dh + 2]; decode_attention_combine_kernel merges them. The split
-// count follows the cache's capacity (fixed when a step is recorded), blocks past the current
-// length write an empty partial, so long histories get splits * Hq blocks instead of Hq.
+// to `partials` [B, Hq, splits, Dh + 2]. The last block of a (head, batch) row to finish, known
+// from an arrival counter, merges the row's partials, so the merge needs no second launch; it
+// also resets the counter for the next launch (and the next replay of a recorded step). The
+// split count follows the cache's capacity (fixed when a step is recorded), blocks past the
+// current length write an empty partial, so long histories get splits * Hq blocks instead of Hq.
 constexpr int kDecodeWarps = 8;
 constexpr int kSplitKeys = 64;
 template <bool kSplit>
 __global__ void __launch_bounds__(kDecodeWarps * 32)
-    decode_attention_kernel(AttnArgs a, float* __restrict__ partials) {
+    decode_attention_kernel(AttnArgs a, float* __restrict__ partials, int* __restrict__ arrivals) {
   pdl_wait();
   pdl_trigger();
   __shared__ float part_acc[kDecodeWarps][kFlashMaxDh];
@@ -456,6 +458,34 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
         part[1] = den;
       }
     }
+    // Publish this partial, then count it; the block that completes the count merges.
+    __shared__ bool merges;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int* arrived = arrivals + b * a.Hq + h;
+      merges = atomicAdd(arrived, 1) == int(gridDim.z) - 1;
+      if (merges) *arrived = 0;
+    }
+    __syncthreads();
+    if (!merges) return;
+    __threadfence();
+    const float* rows = partials + (b * a.Hq + h) * gridDim.z * (Dh + 2);
+    float row_max = -INFINITY;
+    for (unsigned z = 0; z < gridDim.z; ++z) row_max = fmaxf(row_max, __ldcg(rows + z * (Dh + 2)));
+    float* out_row = a.out + b * a.out_batch + h * Dh;
+    for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
+      float num = 0.0f, den = 0.0f;
+      for (unsigned z = 0; z < gridDim.z; ++z) {
+        const float* r = rows + z * (Dh + 2);
+        const float rm = __ldcg(r);
+        if (rm == -INFINITY) continue;
+        const float f = exp2f(rm - row_max);
+        num += __ldcg(r + 2 + d) * f;
+        den += __ldcg(r + 1) * f;
+      }
+      out_row[d] = den > 0.0f ? num / den : 0.0f;
+    }
     return;
   }
   float* orow = a.out + b * a.out_batch + h * Dh;
@@ -471,28 +501,19 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
   }
 }
 
-// Merges the split partials of one (head, batch) row: softmax-weighted sum of the splits.
-__global__ void decode_attention_combine_kernel(const float* __restrict__ partials, int splits,
-                                                AttnArgs a) {
-  pdl_wait();
-  pdl_trigger();
-  const int64_t h = blockIdx.x, b = blockIdx.y;
-  const int Dh = int(a.Dh);
-  const float* rows = partials + (b * a.Hq + h) * splits * (Dh + 2);
-  float m_all = -INFINITY;
-  for (int z = 0; z < splits; ++z) m_all = fmaxf(m_all, rows[z * (Dh + 2)]);
-  float* orow = a.out + b * a.out_batch + h * Dh;
-  for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
-    float num = 0.0f, den = 0.0f;
-    for (int z = 0; z < splits; ++z) {
-      const float* r = rows + z * (Dh + 2);
-      if (r[0] == -INFINITY) continue;
-      const float f = exp2f(r[0] - m_all);
-      num += r[2 + d] * f;
-      den += r[1] * f;
-    }
-    orow[d] = den > 0.0f ? num / den : 0.0f;
+// Arrival counters of split decode attention, one per (batch, head) row, zero between launches
+// (the merging block resets its row's). Kept for the process and grown outside recorded steps
+// (a recording replays with the addresses it saw).
+int* split_arrivals(int64_t rows) {
+  static std::mutex mutex;
+  static Tensor counters;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!counters.defined() || counters.numel() < rows) {
+    if (capturing())
+      throw_error(ErrorKind::Compute, "decode attention: run a step eagerly before recording");
+    counters = Tensor::zeros({std::max<int64_t>(rows, 256)}, DType::I32, Device::CUDA);
   }
+  return counters.data_mut<int32_t>();
 }
 
 bool split_decode_attention() {
@@ -539,12 +560,10 @@ void launch_attention(const AttnArgs& a, int64_t B, int64_t key_capacity = 0) {
           Tensor::empty({B, a.Hq, splits, a.Dh + 2}, DType::F32, Device::CUDA);
       launch_pdl(decode_attention_kernel<true>,
                  dim3(unsigned(a.Hq), unsigned(B), unsigned(splits)), kDecodeWarps * 32, 0, a,
-                 partials.data_mut<float>());
-      launch_pdl(decode_attention_combine_kernel, dim3(unsigned(a.Hq), unsigned(B)), 128, 0,
-                 static_cast<const float*>(partials.data<float>()), int(splits), a);
+                 partials.data_mut<float>(), split_arrivals(B * a.Hq));
     } else {
       launch_pdl(decode_attention_kernel<false>, dim3(unsigned(a.Hq), unsigned(B)),
-                 kDecodeWarps * 32, 0, a, static_cast<float*>(nullptr));
+                 kDecodeWarps * 32, 0, a, static_cast<float*>(nullptr), static_cast<int*>(nullptr));
     }
   } else {
     if (a.delta) throw_error(ErrorKind::Compute, "a recorded decode step takes one token");
