@@ -45,6 +45,11 @@ class Generate {
   // partial step and the generator must not be used again.
   int32_t next();
 
+  // Decode steps (every next() after the first) call `step(token)` for the logits [1, 1, vocab]
+  // instead of model.decode_token(token, cache): e.g. a recorded CUDA graph that advances the
+  // same cache. generate() installs one for models on a GPU.
+  void set_decode_step(std::function<Tensor(int32_t token)> step) { step_ = std::move(step); }
+
   // Ids yielded so far.
   int64_t steps() const { return steps_; }
   // Prompt ids (when known) followed by every yielded id.
@@ -59,6 +64,7 @@ class Generate {
   std::vector<int32_t> history_;
   int64_t steps_ = 0;
   int32_t last_ = -1;
+  std::function<Tensor(int32_t)> step_;
 };
 
 enum class StopReason {
@@ -83,6 +89,10 @@ struct GenerateOptions {
   // need: prompt ids the model has no embedding for then become <unk> (0), and sampling is
   // limited to ids both know.
   bool allow_vocab_mismatch = false;
+  // Models on a GPU: decode steps replay one recorded CUDA graph (a launch per token instead of
+  // one per op) over caches preallocated for the prompt + max_tokens. Off: every op is launched
+  // from the host (the same kernels, the same logits).
+  bool cuda_graph = true;
 
   void validate() const;  // Error(Request)
 };

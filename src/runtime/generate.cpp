@@ -8,6 +8,9 @@
 
 #include "moxin/errors.h"
 #include "ops/ops.h"
+#if MOXIN_WITH_CUDA
+#include "backend/cuda/cuda_graph.h"
+#endif
 
 namespace moxin {
 
@@ -225,6 +228,8 @@ int32_t Generate::next() {
                  : model_->forward(dino_image_, siglip_image_, input_ids_, *cache_, 1);
     // The prefill inputs are no longer needed; drop them so they can be freed.
     dino_image_ = siglip_image_ = input_ids_ = embeddings_ = Tensor();
+  } else if (step_) {
+    logits = step_(last_);
   } else {
     Tensor token = Tensor::empty({1}, DType::I32);
     token.data_mut<int32_t>()[0] = last_;
@@ -288,8 +293,20 @@ GenerationResult generate(MoxinVLM& model, const Tokenizer& tokenizer,
   check_context(model, options, 0, model.dino.config.num_patches(), int64_t(ids.size()));
 
   KVCacheList cache = model.make_cache();
-  Generate generator(model, cache, options.sampling, image.dino, image.siglip, ids_tensor(ids),
+  KVCacheList* caches = &cache;
+#if MOXIN_WITH_CUDA
+  std::unique_ptr<cuda::DecodeGraph> graph;
+  if (options.cuda_graph && model.device() == Device::CUDA) {
+    const int64_t positions = model.dino.config.num_patches() + int64_t(ids.size());
+    graph = std::make_unique<cuda::DecodeGraph>(model, positions + options.max_tokens);
+    caches = &graph->caches();
+  }
+#endif
+  Generate generator(model, *caches, options.sampling, image.dino, image.siglip, ids_tensor(ids),
                      num_valid_ids);
+#if MOXIN_WITH_CUDA
+  if (graph) generator.set_decode_step([&graph](int32_t token) { return graph->step(token); });
+#endif
   GenerationResult result = run_to_stop(generator, tokenizer, options, on_text, start);
   result.prompt_tokens = int64_t(ids.size());
   return result;

@@ -822,7 +822,10 @@ __global__ void __launch_bounds__(kGemvThreads)
 // the float kernels above: 12-20% of DRAM bandwidth). Here each block first converts x (times
 // the norm weight, when a norm is folded in) to 16-bit fixed point per weight group, as the
 // CPU VNNI kernels do: dx = max|x_g| / 32767, xq = round(x / dx). The codes then multiply as
-// integers with dp2a (two 16 x 8-bit products and an add in one instruction):
+// integers with dp4a (four 8 x 8-bit products and an add in one instruction; a 16-bit xq is
+// 256 hi + lo, two byte planes, so each code meets two dp4a). dp2a would take 16-bit operands
+// directly but is not native on Hopper (profiles: ~5 instructions per weight with it, against
+// ~1.5 expected):
 //     sum_k (s q_k + b) x_k  =  s dx sum_k q_k xq_k + b sum_k x_k + error,
 // the integer sums exact and |x_k - dx xq_k| <= dx / 2, so each output is within
 // 2^-16 sum_g max|x_g| sum_k |s q_k| of the float product (checked by the tests). A 4-bit word
@@ -855,23 +858,25 @@ __device__ __forceinline__ const void* param_row(const void* base, DType dtype, 
   return static_cast<const char*>(base) + offset * (dtype == DType::F32 ? 4 : 2);
 }
 
-// acc + the 16-bit halves of x16x2 times bytes 0-1 (lo) or 2-3 (hi) of codes, codes unsigned.
-__device__ __forceinline__ int dp2a_lo(uint32_t x16x2, uint32_t codes, int acc) {
+// acc + the dot of four signed (hi) or unsigned (lo) activation bytes with four code bytes.
+__device__ __forceinline__ int dp4a_hi(uint32_t x_bytes, uint32_t codes, int acc) {
   int d;
-  asm("dp2a.lo.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(x16x2), "r"(codes), "r"(acc));
+  asm("dp4a.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(x_bytes), "r"(codes), "r"(acc));
   return d;
 }
-__device__ __forceinline__ int dp2a_hi(uint32_t x16x2, uint32_t codes, int acc) {
+__device__ __forceinline__ int dp4a_lo(uint32_t x_bytes, uint32_t codes, int acc) {
   int d;
-  asm("dp2a.hi.s32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(x16x2), "r"(codes), "r"(acc));
+  asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(x_bytes), "r"(codes), "r"(acc));
   return d;
 }
-__device__ __forceinline__ uint32_t pack16x2(int lo, int hi) {
-  return (uint32_t(lo) & 0xffffu) | (uint32_t(hi) << 16);
+__device__ __forceinline__ uint32_t pack_bytes(int b0, int b1, int b2, int b3) {
+  return (uint32_t(b0) & 0xffu) | ((uint32_t(b1) & 0xffu) << 8) | ((uint32_t(b2) & 0xffu) << 16) |
+         (uint32_t(b3) << 24);
 }
 
-// One word of fixed-point activations per word of codes: 4-bit, 8 values in the order the
-// nibble split produces (even codes 0 2 | 4 6, odd codes 1 3 | 5 7); 8-bit, 4 values in order.
+// One word of fixed-point activations per word of codes, as byte planes (xq = 256 hi + lo, hi
+// signed, lo unsigned). 4-bit: {hi of the even codes 0 2 4 6, hi of the odd 1 3 5 7, lo even,
+// lo odd}, the order the nibble split produces; 8-bit: {hi of codes 0-3, lo of codes 0-3}.
 template <int kBits>
 using FixedWord = std::conditional_t<kBits == 4, uint4, uint2>;
 
@@ -926,12 +931,18 @@ __device__ __forceinline__ float convert_activations(const float* __restrict__ x
     int q[kPerWord];
 #pragma unroll
     for (int i = 0; i < kPerWord; ++i) q[i] = finite ? __float2int_rn(v[i] * inv) : 0;
+    int hi[kPerWord], lo[kPerWord];
+#pragma unroll
+    for (int i = 0; i < kPerWord; ++i) {
+      lo[i] = q[i] & 0xff;
+      hi[i] = q[i] >> 8;  // arithmetic: q = 256 hi + lo
+    }
     FixedWord<kBits> word;
     if constexpr (kBits == 4) {
-      word = make_uint4(pack16x2(q[0], q[2]), pack16x2(q[4], q[6]), pack16x2(q[1], q[3]),
-                        pack16x2(q[5], q[7]));
+      word = make_uint4(pack_bytes(hi[0], hi[2], hi[4], hi[6]), pack_bytes(hi[1], hi[3], hi[5], hi[7]),
+                        pack_bytes(lo[0], lo[2], lo[4], lo[6]), pack_bytes(lo[1], lo[3], lo[5], lo[7]));
     } else {
-      word = make_uint2(pack16x2(q[0], q[1]), pack16x2(q[2], q[3]));
+      word = make_uint2(pack_bytes(hi[0], hi[1], hi[2], hi[3]), pack_bytes(lo[0], lo[1], lo[2], lo[3]));
     }
     xq[(w % 4) * chunks + w / 4] = word;
     if (w % 4 == 0)
@@ -945,21 +956,21 @@ __device__ __forceinline__ float convert_activations(const float* __restrict__ x
 template <int kBits>
 __device__ __forceinline__ int chunk_dot_fixed(const uint4& raw, const FixedWord<kBits> (&xw)[4]) {
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-  int dot = 0;
+  int high = 0, low = 0;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     if constexpr (kBits == 4) {
       const uint32_t even = words[j] & 0x0f0f0f0fu, odd = (words[j] >> 4) & 0x0f0f0f0fu;
-      dot = dp2a_lo(xw[j].x, even, dot);
-      dot = dp2a_hi(xw[j].y, even, dot);
-      dot = dp2a_lo(xw[j].z, odd, dot);
-      dot = dp2a_hi(xw[j].w, odd, dot);
+      high = dp4a_hi(xw[j].x, even, high);
+      high = dp4a_hi(xw[j].y, odd, high);
+      low = dp4a_lo(xw[j].z, even, low);
+      low = dp4a_lo(xw[j].w, odd, low);
     } else {
-      dot = dp2a_lo(xw[j].x, words[j], dot);
-      dot = dp2a_hi(xw[j].y, words[j], dot);
+      high = dp4a_hi(xw[j].x, words[j], high);
+      low = dp4a_lo(xw[j].y, words[j], low);
     }
   }
-  return dot;
+  return high * 256 + low;
 }
 
 template <int kBits, int R, int kUnroll, bool kGated>
@@ -1059,15 +1070,15 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
 #pragma unroll
   for (int i = 0; i < RT; ++i) acc[i] = 0.0f;
   int64_t tile = first, round = 0;
-  Step cur;
-  if (tile < segs.units) load_step(tile, round, cur);
-  while (tile < segs.units) {
+  // Loads the step after (tile, round) into `next`, computes `cur`, writes the tile's outputs
+  // when it is complete, and moves to the next step; false when the warp's work is done. Two
+  // buffers used alternately (not copied: a copy would wait for the loads in flight).
+  auto advance = [&](const Step& cur, Step& next) {
     int64_t next_tile = tile, next_round = round + round_chunks;
     if (next_round >= chunks) {
       next_tile += tile_stride;
       next_round = 0;
     }
-    Step next;
     if (next_tile < segs.units) load_step(next_tile, next_round, next);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -1103,9 +1114,15 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
 #pragma unroll
       for (int i = 0; i < RT; ++i) acc[i] = 0.0f;
     }
-    cur = next;
     tile = next_tile;
     round = next_round;
+    return tile < segs.units;
+  };
+  Step even, odd;
+  if (tile < segs.units) {
+    load_step(tile, round, even);
+    while (advance(even, odd) && advance(odd, even)) {
+    }
   }
 }
 
