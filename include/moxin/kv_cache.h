@@ -62,6 +62,13 @@ class KeyValueCache {
   // goes to update_and_fetch; anything else is a Request error.
   virtual CachedKV update_and_fetch_ragged(const Tensor& keys, const Tensor& values,
                                            const RaggedAppend& append);
+  // The decoder's RoPE and append in one call: queries [B, L, Hq, D] and keys [B, L, Hkv, D]
+  // (the projections' layout) rotated at positions offset() + l, keys and values appended,
+  // the whole history returned. queries are rotated in place; keys may be. The default rotates
+  // both and calls update_and_fetch; caches that preallocate (KVCache, the GPU's static cache)
+  // store a single position's rotated keys directly (one launch on a GPU).
+  virtual CachedKV rope_update_and_fetch(Tensor& queries, Tensor& keys, const Tensor& values,
+                                         float theta);
   virtual void reset() = 0;
 };
 
@@ -93,6 +100,8 @@ class KVCache final : public KeyValueCache {
   CachedKV update_and_fetch(const Tensor& keys, const Tensor& values) override;
   CachedKV update_and_fetch_ragged(const Tensor& keys, const Tensor& values,
                                    const RaggedAppend& append) override;
+  CachedKV rope_update_and_fetch(Tensor& queries, Tensor& keys, const Tensor& values,
+                                 float theta) override;
   void reset() override;
 
  private:

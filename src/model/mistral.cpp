@@ -37,8 +37,7 @@ Tensor decoder_layer_forward(const DecoderLayer& layer, const Tensor& x_in, KeyV
         cache.update_and_fetch_ragged(ops::heads_first(k), ops::heads_first(v), *ragged);
     attn = ops::causal_attention(q, history, ragged->at, config.sliding_window);
   } else {
-    ops::rope_inplace_pair(q, k, offset, config.rope_theta);
-    const CachedKV history = cache.update_and_fetch(ops::heads_first(k), ops::heads_first(v));
+    const CachedKV history = cache.rope_update_and_fetch(q, k, v, config.rope_theta);
     attn = ops::causal_attention(q, history, offset, config.sliding_window);
   }
   ops::linear_accumulate(x, attn, layer.self_attn.o_proj);

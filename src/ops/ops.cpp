@@ -480,4 +480,17 @@ void write_positions_pair(Tensor& keys, const Tensor& new_keys, Tensor& values,
   write_positions(values, new_values, at);
 }
 
+void rope_write_pair(Tensor& queries, Tensor& keys, const Tensor& new_keys, Tensor& values,
+                     const Tensor& new_values, int64_t at, float theta) {
+  DISPATCH_CUDA(keys, rope_write_pair(queries, keys, new_keys, values, new_values, at, theta));
+  if (new_keys.ndim() != 4 || new_keys.dim(2) != 1)
+    throw_error(ErrorKind::Compute, "rope_write_pair: expected keys [B, H, 1, D], got " +
+                                        shape_to_string(new_keys.shape()));
+  // One position: [B, H, 1, D] and [B, 1, H, D] are the same bytes.
+  Tensor rotated = new_keys.clone().reshape(
+      {new_keys.dim(0), 1, new_keys.dim(1), new_keys.dim(3)});
+  rope_inplace_pair(queries, rotated, at, theta);
+  write_positions_pair(keys, rotated.reshape(new_keys.shape()), values, new_values, at);
+}
+
 }  // namespace moxin::ops

@@ -49,6 +49,11 @@ void write_positions(Tensor& dst, const Tensor& src, int64_t at);
 // Both halves of a KV append (keys and values of one geometry) at once (one launch on a GPU).
 void write_positions_pair(Tensor& keys, const Tensor& new_keys, Tensor& values,
                           const Tensor& new_values, int64_t at);
+// One decode position's RoPE and KV append together (one launch on a GPU): queries
+// [B, 1, Hq, D] rotated in place, new_keys [B, Hkv, 1, D] stored rotated and new_values as
+// they are, at position `at` of the caches [B, Hkv, capacity, D].
+void rope_write_pair(Tensor& queries, Tensor& keys, const Tensor& new_keys, Tensor& values,
+                     const Tensor& new_values, int64_t at, float theta);
 
 // Ragged batches: the same three ops with a position per sequence (moxin/kv_cache.h says how
 // right-padded batches use them). Sequence b's row l sits at position start.host[b] + l.

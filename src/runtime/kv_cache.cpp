@@ -102,6 +102,12 @@ CachedKV KeyValueCache::update_and_fetch_ragged(const Tensor& keys, const Tensor
   return update_and_fetch(keys, values);
 }
 
+CachedKV KeyValueCache::rope_update_and_fetch(Tensor& queries, Tensor& keys,
+                                              const Tensor& values, float theta) {
+  ops::rope_inplace_pair(queries, keys, offset(), theta);
+  return update_and_fetch(ops::heads_first(keys), ops::heads_first(values));
+}
+
 CachedKV ConcatKeyValueCache::update_and_fetch(const Tensor& keys, const Tensor& values) {
   check_pair(keys, values);
   if (!offsets_.empty())  // sequences at different positions: each appends at its own
@@ -188,6 +194,18 @@ CachedKV KVCache::update_and_fetch(const Tensor& keys, const Tensor& values) {
   prepare(keys, needed);
   ops::write_positions_pair(keys_, keys, values_, values, offset_);
   offset_ = needed;
+  return {keys_, values_, offset_};
+}
+
+CachedKV KVCache::rope_update_and_fetch(Tensor& queries, Tensor& keys, const Tensor& values,
+                                        float theta) {
+  if (!offsets_.empty() || keys.ndim() != 4 || keys.dim(1) != 1)
+    return KeyValueCache::rope_update_and_fetch(queries, keys, values, theta);
+  const Tensor k = ops::heads_first(keys), v = ops::heads_first(values);
+  check_pair(k, v);
+  prepare(k, offset_ + 1);
+  ops::rope_write_pair(queries, keys_, k, values_, v, offset_, theta);
+  offset_ += 1;
   return {keys_, values_, offset_};
 }
 

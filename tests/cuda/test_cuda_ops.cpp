@@ -504,6 +504,34 @@ TEST(CudaOps, PairedKvWriteMatchesCpu) {
   }
 }
 
+// One decode position's RoPE and KV append in one launch, against the CPU op (itself checked
+// against rotating first), at odd head counts and positions inside a larger cache.
+TEST(CudaOps, RopeFoldedIntoTheKvAppendMatchesCpu) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  uint32_t seed = 1100;
+  for (int64_t Dh : {6, 128}) {
+    for (int64_t at : {0, 37}) {
+      const Tensor q = random_tensor({2, 1, 5, Dh}, ++seed);
+      const Tensor k = random_tensor({2, 3, 1, Dh}, ++seed);
+      const Tensor v = random_tensor({2, 3, 1, Dh}, ++seed);
+      const Tensor keys0 = random_tensor({2, 3, 41, Dh}, ++seed);
+      const Tensor values0 = random_tensor({2, 3, 41, Dh}, ++seed);
+      Tensor qc = q.clone(), kc = keys0.clone(), vc = values0.clone();
+      ops::rope_write_pair(qc, kc, k, vc, v, at, 10000.0f);
+      Tensor qg = gpu(q), kg = gpu(keys0), vg = gpu(values0);
+      ops::rope_write_pair(qg, kg, gpu(k), vg, gpu(v), at, 10000.0f);
+      const std::string what = "Dh " + std::to_string(Dh) + " at " + std::to_string(at);
+      expect_close(qg, qc, 1e-6, what + " queries");
+      expect_close(kg, kc, 1e-6, what + " keys");
+      expect_close(vg, vc, 0.0, what + " values");
+    }
+  }
+  Tensor q = gpu(random_tensor({1, 1, 4, 8}, 1)), keys = gpu(random_tensor({1, 2, 4, 8}, 2));
+  Tensor values = keys.clone();
+  const Tensor k = gpu(random_tensor({1, 2, 1, 8}, 3));
+  EXPECT_THROW(ops::rope_write_pair(q, keys, k, values, k, 4, 10000.0f), Error);  // past the end
+}
+
 TEST(CudaOps, BidirectionalAttentionMatchesCpu) {
   MOXIN_SKIP_WITHOUT_GPU();
   struct Case { int64_t B, T, heads, Dh; };

@@ -248,6 +248,34 @@ TEST(KVCaches, PreallocatedAndConcatenatingAgree) {
   EXPECT_EQ(concat.offset(), 0);
 }
 
+// RoPE folded into the append (KVCache: one position at a time in one pass) against the default
+// (rotate, then append) of a concatenating cache: the same rotated queries and history, for a
+// prefill of several positions followed by single-position steps.
+TEST(KVCaches, RopeFoldedIntoTheAppendMatchesRotatingFirst) {
+  KVCache fused(4);
+  ConcatKeyValueCache plain;
+  uint32_t seed = kSeed + 40;
+  for (int64_t step : {3, 1, 1, 2, 1}) {
+    const Tensor q = random_tensor({2, step, 6, 8}, seed++);
+    const Tensor k = random_tensor({2, step, 3, 8}, seed++);
+    const Tensor v = random_tensor({2, step, 3, 8}, seed++);
+    Tensor qa = q.clone(), ka = k.clone(), qb = q.clone(), kb = k.clone();
+    const CachedKV a = fused.rope_update_and_fetch(qa, ka, v, 10000.0f);
+    const CachedKV b = plain.rope_update_and_fetch(qb, kb, v, 10000.0f);
+    ASSERT_EQ(a.length, b.length);
+    EXPECT_EQ(qa.to_vector(), qb.to_vector());
+    for (int64_t bh = 0; bh < 6; ++bh)
+      for (int64_t j = 0; j < a.length; ++j)
+        for (int64_t d = 0; d < 8; ++d) {
+          const int64_t ia = (bh * a.keys.dim(2) + j) * 8 + d;
+          const int64_t ib = (bh * b.keys.dim(2) + j) * 8 + d;
+          ASSERT_EQ(a.keys.data<float>()[ia], b.keys.data<float>()[ib]) << j;
+          ASSERT_EQ(a.values.data<float>()[ia], b.values.data<float>()[ib]) << j;
+        }
+  }
+  EXPECT_EQ(fused.offset(), 8);
+}
+
 TEST(KVCaches, RejectMismatchedUpdates) {
   KVCache cache;
   cache.update_and_fetch(Tensor::zeros({1, 2, 1, 4}), Tensor::zeros({1, 2, 1, 4}));

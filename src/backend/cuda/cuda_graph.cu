@@ -82,7 +82,7 @@ int32_t argmax_last(const Tensor& logits) {
 
 // ---------------------------------------------------------------------------------------------
 
-CachedKV StaticKVCache::update_and_fetch(const Tensor& keys, const Tensor& values) {
+void StaticKVCache::prepare(const Tensor& keys, const Tensor& values) {
   if (keys.ndim() != 4 || keys.shape() != values.shape() || keys.dtype() != DType::F32 ||
       keys.device() != Device::CUDA || values.device() != Device::CUDA)
     throw_error(ErrorKind::Compute, "static KV cache: keys and values must be float32 "
@@ -100,8 +100,23 @@ CachedKV StaticKVCache::update_and_fetch(const Tensor& keys, const Tensor& value
   if (offset_ + keys.dim(2) > capacity_)
     throw_error(ErrorKind::Request, "KV cache capacity of " + std::to_string(capacity_) +
                                         " positions exceeded");
+}
+
+CachedKV StaticKVCache::update_and_fetch(const Tensor& keys, const Tensor& values) {
+  prepare(keys, values);
   ops::write_positions_pair(keys_, keys, values_, values, offset_);
   offset_ += keys.dim(2);
+  return {keys_, values_, offset_};
+}
+
+CachedKV StaticKVCache::rope_update_and_fetch(Tensor& queries, Tensor& keys, const Tensor& values,
+                                              float theta) {
+  if (keys.ndim() != 4 || keys.dim(1) != 1)
+    return KeyValueCache::rope_update_and_fetch(queries, keys, values, theta);
+  const Tensor k = ops::heads_first(keys), v = ops::heads_first(values);
+  prepare(k, v);
+  ops::rope_write_pair(queries, keys_, k, values_, v, offset_, theta);
+  offset_ += 1;
   return {keys_, values_, offset_};
 }
 

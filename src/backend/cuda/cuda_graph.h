@@ -4,7 +4,7 @@
 //
 // Why this works without a dedicated model runner: while the step is recorded the backend
 // (a) hands out memory from an arena the graph owns, so every intermediate has a fixed address
-// on every replay, and (b) lets the three position-dependent kernels (rotary embedding, the KV
+// on every replay, and (b) lets the position-dependent kernels (rotary embedding, the KV
 // cache write and decode attention) add a device-resident delta to the host position they were
 // given. The graph ends by picking the greedy token into the input slot of the next step and
 // incrementing the delta, so a replay needs no host-to-device copy at all.
@@ -30,11 +30,15 @@ class StaticKVCache final : public KeyValueCache {
   int64_t offset() const override { return offset_; }
   int64_t capacity() const { return capacity_; }
   CachedKV update_and_fetch(const Tensor& keys, const Tensor& values) override;
+  CachedKV rope_update_and_fetch(Tensor& queries, Tensor& keys, const Tensor& values,
+                                 float theta) override;
   void reset() override { offset_ = 0; }
   void advance(int64_t n);  // positions written by a replayed graph
   void rewind(int64_t offset) { offset_ = offset < offset_ ? offset : offset_; }
 
  private:
+  void prepare(const Tensor& keys, const Tensor& values);  // storage, checks, room for keys
+
   int64_t capacity_;
   Tensor keys_, values_;  // [B, n_kv_heads, capacity, head_dim]
   int64_t offset_ = 0;

@@ -227,6 +227,43 @@ __global__ void rope_kernel(float* x, int64_t B, int64_t L, int64_t H, int64_t D
   }
 }
 
+// One decode position's RoPE and KV append in one launch: queries [B, 1, Hq, Dh] rotated in
+// place; keys [B, Hkv, 1, Dh] rotated into the key cache and values copied into the value cache
+// at position at (+ delta), caches [B, Hkv, capacity, Dh]. Same angles as rope_kernel.
+__global__ void rope_append_kernel(float* __restrict__ q, const float* __restrict__ k,
+                                   const float* __restrict__ v, float* __restrict__ keys,
+                                   float* __restrict__ values, int64_t B, int64_t Hq, int64_t Hkv,
+                                   int64_t Dh, int64_t capacity, int64_t at, const int* delta,
+                                   const float* __restrict__ inv_freqs) {
+  pdl_wait();
+  pdl_trigger();
+  const int64_t half = Dh / 2, heads = Hq + Hkv, n = B * heads * half;
+  const int64_t pos = at + delta_of(delta);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t f = i % half, row = i / half;
+    const int64_t b = row / heads, h = row % heads;
+    float s, c;
+    sincosf(float(pos) * inv_freqs[f], &s, &c);
+    if (h < Hq) {
+      float* x = q + (b * Hq + h) * Dh;
+      const float x0 = x[f], x1 = x[f + half];
+      x[f] = x0 * c - x1 * s;
+      x[f + half] = x1 * c + x0 * s;
+    } else {
+      const int64_t head = b * Hkv + (h - Hq);
+      const float* src = k + head * Dh;
+      float* dst = keys + (head * capacity + pos) * Dh;
+      const float k0 = src[f], k1 = src[f + half];
+      dst[f] = k0 * c - k1 * s;
+      dst[f + half] = k1 * c + k0 * s;
+      float* vdst = values + (head * capacity + pos) * Dh;
+      vdst[f] = v[head * Dh + f];
+      vdst[f + half] = v[head * Dh + f + half];
+    }
+  }
+}
+
 // dst [B, H, capacity, D][b, h, at[b] + l] = src [B, H, L, D][b, h, l]: the ragged KV append.
 __global__ void write_positions_ragged_kernel(const float* __restrict__ src,
                                               float* __restrict__ dst, int64_t B, int64_t H,
@@ -869,6 +906,35 @@ void write_positions_pair(Tensor& dst, const Tensor& src, Tensor& dst2, const Te
                                         std::to_string(at) + " into " + shape_to_string(dst.shape()));
   launch_copy_rows(src.data<float>(), L * D, dst.data_mut<float>() + at * D, dst.dim(2) * D, B * H,
                    L * D, position_delta(), D, src2.data<float>(), dst2.data_mut<float>() + at * D);
+}
+
+void rope_write_pair(Tensor& queries, Tensor& keys, const Tensor& new_keys, Tensor& values,
+                     const Tensor& new_values, int64_t at, float theta) {
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&queries, &keys, &new_keys, &values,
+                                                              &new_values})
+    require_f32_cuda(*t, "rope_write_pair");
+  if (new_keys.ndim() != 4 || new_keys.dim(2) != 1 || new_values.shape() != new_keys.shape() ||
+      keys.ndim() != 4 || values.shape() != keys.shape() || queries.ndim() != 4 ||
+      queries.dim(1) != 1 || queries.dim(0) != new_keys.dim(0) ||
+      queries.dim(3) != new_keys.dim(3) || keys.dim(0) != new_keys.dim(0) ||
+      keys.dim(1) != new_keys.dim(1) || keys.dim(3) != new_keys.dim(3) ||
+      new_keys.dim(3) % 2 != 0)
+    throw_error(ErrorKind::Compute, "rope_write_pair: queries " + shape_to_string(queries.shape()) +
+                                        ", keys " + shape_to_string(new_keys.shape()) +
+                                        " into " + shape_to_string(keys.shape()) +
+                                        " (one position, even head dim)");
+  if (at < 0 || at + 1 > keys.dim(2))
+    throw_error(ErrorKind::Compute, "rope_write_pair: position " + std::to_string(at) +
+                                        " outside the cache of " + std::to_string(keys.dim(2)));
+  const int64_t B = new_keys.dim(0), Hkv = new_keys.dim(1), Dh = new_keys.dim(3);
+  const int64_t Hq = queries.dim(2);
+  const int64_t n = B * (Hq + Hkv) * (Dh / 2);
+  if (n == 0) return;
+  launch_pdl(rope_append_kernel, blocks_for(n, kThreads), kThreads, 0, queries.data_mut<float>(),
+             new_keys.data<float>(), new_values.data<float>(), keys.data_mut<float>(),
+             values.data_mut<float>(), B, Hq, Hkv, Dh, keys.dim(2), at, position_delta(),
+             inv_freq_table(Dh, theta));
+  MOXIN_LAUNCH_CHECK();
 }
 
 // --------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_str
                int64_t row_len, const int* delta = nullptr, int64_t delta_stride = 0);
 Tensor patchify(const Tensor& images, int64_t patch);
 void write_positions(Tensor& dst, const Tensor& src, int64_t at);
+void rope_write_pair(Tensor& queries, Tensor& keys, const Tensor& new_keys, Tensor& values,
+                     const Tensor& new_values, int64_t at, float theta);
 void write_positions_pair(Tensor& dst, const Tensor& src, Tensor& dst2, const Tensor& src2,
                           int64_t at);
 // Ragged batches (ops.h): per-sequence positions, read on the device from start.device (I32
