@@ -818,40 +818,52 @@ __global__ void __launch_bounds__(kGemvThreads)
 // Single-row 4/8-bit products in integer arithmetic (decode at batch 1).
 //
 // Dequantizing in float costs about three instructions per weight (byte permute, subtract,
-// FMA); at HBM rates that fills the issue slots and leaves the loads waiting (Nsight Compute on
-// the float kernels above: 12-20% of DRAM bandwidth). Here each block first converts x (times
-// the norm weight, when a norm is folded in) to 16-bit fixed point per weight group, as the
-// CPU VNNI kernels do: dx = max|x_g| / 32767, xq = round(x / dx). The codes then multiply as
-// integers with dp4a (four 8 x 8-bit products and an add in one instruction; a 16-bit xq is
-// 256 hi + lo, two byte planes, so each code meets two dp4a). dp2a would take 16-bit operands
-// directly but is not native on Hopper (profiles: ~5 instructions per weight with it, against
-// ~1.5 expected):
+// FMA), which the float kernels above pay on every weight. Here each block first converts x
+// (times the norm weight, when a norm is folded in) to 16-bit fixed point per weight group, as
+// the CPU VNNI kernels do: dx = max|x_g| / 32767, xq = round(x / dx). The codes then multiply
+// as integers with dp4a (four 8 x 8-bit products and an add in one instruction; xq is
+// 256 hi + lo, two byte planes, so each code meets two dp4a):
 //     sum_k (s q_k + b) x_k  =  s dx sum_k q_k xq_k + b sum_k x_k + error,
 // the integer sums exact and |x_k - dx xq_k| <= dx / 2, so each output is within
 // 2^-16 sum_g max|x_g| sum_k |s q_k| of the float product (checked by the tests). A 4-bit word
 // splits into its even and odd nibbles with two masks: 8 weights in 6 instructions.
 // A group holding inf or NaN makes the outputs NaN.
 //
-// Shared memory: {dx of the group, sum of x} per chunk, then the fixed-point activations, word-major within
-// 16-byte chunks of codes ((word j of chunk c) at j * chunks + c) so that the lanes of a warp,
-// which read consecutive chunks, never hit the same bank. After the conversion each warp takes
-// R rows at a time (R gate and R up rows when gated), its lanes striding over the rows' chunks
-// with kUnroll chunks of every row per round, and the next round's loads issued before the
-// current round is computed.
+// Shared memory: {dx of the group, sum of x} per chunk, then the fixed-point activations,
+// word-major within 16-byte chunks of codes ((word j of chunk c) at j * chunks + c) so that the
+// lanes of a warp, which read consecutive chunks, never hit the same bank; then a staging ring
+// per warp. After the conversion each warp takes R rows at a time (R gate and R up rows when
+// gated), its lanes striding over the rows' chunks, kUnroll chunks per row and step. Codes and
+// their scale/bias words travel by cp.async into the warp's ring, kFixedStages - 1 steps ahead
+// of the one being computed: the loads in flight hold no registers, so they neither limit
+// occupancy nor wait for a register copy (Nsight Compute on the register-pipelined version:
+// 16 warps per SM stalled on L1TEX, 20-31% of DRAM bandwidth).
 constexpr int kFixedWarps = 16;
-constexpr size_t kFixedMaxSmem = 48 * 1024;  // the default limit; larger K takes the float path
+constexpr int kFixedStages = 3;     // steps per warp in flight or being computed
+constexpr int kFixedMaxSlots = 4;   // kUnroll * rows per warp, the most any variant uses
 
 // Chunks of 16 bytes of codes per row: 32 weights at 4 bits, 16 at 8 (never across a group).
 int64_t fixed_chunks(int64_t K, int bits) { return K * bits / 128; }
 
-size_t fixed_smem_bytes(int64_t K, int bits) {
-  const size_t params = size_t(fixed_chunks(K, bits)) * sizeof(float2);
-  return (params + 15) / 16 * 16 + size_t(K) * sizeof(int16_t);
+// Shared memory in 16-byte words: per chunk {dx, sum x} and the fixed-point activations; then
+// per warp a staging ring of kFixedStages steps, each kSlots chunks and their parameter words
+// (8 bytes) per lane.
+__host__ __device__ inline int64_t fixed_activation_words(int64_t K, int bits) {
+  return (K * bits / 128 * 8 + 15) / 16 + K * 2 / 16;
+}
+size_t fixed_smem_bytes(int64_t K, int bits, int slots) {
+  return size_t(fixed_activation_words(K, bits) + int64_t(kFixedWarps) * kFixedStages * slots * 32 * 3 / 2) * 16;
 }
 
-bool fixed_point_fits(int bits, int group_size, int64_t K) {
+// Whether the fixed-point kernel takes this product: 4/8-bit, MLX group sizes, an even number
+// of groups per row (so the 4-byte word holding any 16-bit parameter stays inside the tensor),
+// parameters 4-byte aligned, and everything in one block's shared memory.
+bool fixed_point_fits(int bits, int group_size, int64_t K, const void* scales, const void* biases) {
   return (bits == 4 || bits == 8) && (group_size == 32 || group_size == 64 || group_size == 128) &&
-         K % group_size == 0 && fixed_smem_bytes(K, bits) <= kFixedMaxSmem;
+         K % group_size == 0 && (K / group_size) % 2 == 0 &&
+         reinterpret_cast<uintptr_t>(scales) % 4 == 0 &&
+         reinterpret_cast<uintptr_t>(biases) % 4 == 0 &&
+         fixed_smem_bytes(K, bits, kFixedMaxSlots) <= size_t(properties().sharedMemPerBlockOptin);
 }
 
 __device__ __forceinline__ const void* param_row(const void* base, DType dtype, int64_t offset) {
@@ -973,58 +985,112 @@ __device__ __forceinline__ int chunk_dot_fixed(const uint4& raw, const FixedWord
   return high * 256 + low;
 }
 
+// cp.async (Ampere and later): global -> shared copies that need no registers while in flight.
+__device__ __forceinline__ void copy_async16(void* smem, const void* global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
+                   uint32_t(__cvta_generic_to_shared(smem))),
+               "l"(global)
+               : "memory");
+}
+__device__ __forceinline__ void copy_async4(void* smem, const void* global) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(
+                   uint32_t(__cvta_generic_to_shared(smem))),
+               "l"(global)
+               : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+// A scale or bias from the aligned 4-byte word holding it (cp.async copies 4 bytes at least):
+// 16-bit types sit in the low or high half by the parity of their index.
+__device__ __forceinline__ float param_from_word(uint32_t word, DType dtype, int64_t index) {
+  if (dtype == DType::F32) return __uint_as_float(word);
+  const uint32_t bits = (index & 1) ? word >> 16 : word & 0xffffu;
+  if (dtype == DType::BF16) return __uint_as_float(bits << 16);
+  __half h;
+  const uint16_t b16 = uint16_t(bits);
+  memcpy(&h, &b16, 2);
+  return __half2float(h);
+}
+
 template <int kBits, int R, int kUnroll, bool kGated>
 __global__ void __launch_bounds__(kFixedWarps * 32)
     gemv_fixed_kernel(const float* __restrict__ x, GemvSegments segs, int64_t K,
                       const float* __restrict__ norm_weight, float norm_eps) {
   constexpr int RT = kGated ? 2 * R : R;
   constexpr int kPerChunk = 128 / kBits;
+  constexpr int kSlots = kUnroll * RT;  // 16-byte chunks per lane and step
   extern __shared__ uint4 fixed_smem[];
-  const int64_t chunks = K / kPerChunk, groups = K / segs.group_size;
+  const int chunks = int(K / kPerChunk), groups = int(K / segs.group_size);
   float2* chunk_params = reinterpret_cast<float2*>(fixed_smem);
   auto* xq = reinterpret_cast<FixedWord<kBits>*>(fixed_smem + (chunks * sizeof(float2) + 15) / 16);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  // This warp's staging ring: kFixedStages steps of kSlots code chunks and their parameter
+  // words per lane, each lane reading back only what it copied itself.
+  uint4* ring_codes = fixed_smem + fixed_activation_words(K, kBits) +
+                      size_t(warp) * kFixedStages * kSlots * 32 * 3 / 2;
+  uint32_t* ring_params = reinterpret_cast<uint32_t*>(ring_codes + kFixedStages * kSlots * 32);
   const int64_t tile_stride = int64_t(gridDim.x) * kFixedWarps;
+  const int first = int(blockIdx.x) * kFixedWarps + warp;
+  const int rounds = (chunks + 32 * kUnroll - 1) / (32 * kUnroll);
+  const int64_t my_tiles = first < segs.units ? (segs.units - 1 - first) / tile_stride + 1 : 0;
+  const int64_t steps = my_tiles * rounds;
 
-  // Rows of tile t: R rows of one segment (gated: R gate rows, then the same R up rows).
-  struct Rows {
-    const uint4* codes[RT];
-    const void* scales[RT];
-    const void* biases[RT];
+  // Row i of tile t (R rows of one segment; gated: R gate rows, then the same R up rows).
+  struct Tile {
     int si;
     int64_t n0;
   };
-  auto rows_of = [&](int64_t tile) {
-    Rows r;
+  auto tile_of = [&](int64_t t) {
+    Tile r;
     r.si = 0;
     if (!kGated) {
-      if (segs.count > 1 && tile >= segs.seg[1].first_block) r.si = 1;
-      if (segs.count > 2 && tile >= segs.seg[2].first_block) r.si = 2;
+      if (segs.count > 1 && t >= segs.seg[1].first_block) r.si = 1;
+      if (segs.count > 2 && t >= segs.seg[2].first_block) r.si = 2;
     }
-    const GemvSegment& s0 = segs.seg[r.si];
-    r.n0 = (tile - s0.first_block) * R;
-#pragma unroll
-    for (int i = 0; i < RT; ++i) {
-      const GemvSegment& s = (kGated && i >= R) ? segs.seg[1] : s0;
-      const int64_t n = r.n0 + i % R < s0.N ? r.n0 + i % R : s0.N - 1;  // past N: dropped
-      r.codes[i] = static_cast<const uint4*>(s.w) + n * chunks;
-      r.scales[i] = param_row(s.scales, segs.param_dtype, n * groups);
-      r.biases[i] = param_row(s.biases, segs.param_dtype, n * groups);
-    }
+    r.n0 = (t - segs.seg[r.si].first_block) * R;
     return r;
   };
+  const int param_shift = segs.param_dtype == DType::F32 ? 2 : 1;  // log2 bytes per parameter
+  // Issues the copies of step s (the tile's round) into ring slot s % kFixedStages.
+  auto issue = [&](int64_t s) {
+    if (s < steps) {
+      const int64_t t = first + (s / rounds) * tile_stride;
+      const int round = int(s % rounds) * 32 * kUnroll;
+      const Tile tl = tile_of(t);
+      const GemvSegment& s0 = segs.seg[tl.si];
+      uint4* codes = ring_codes + (s % kFixedStages) * kSlots * 32;
+      uint32_t* params = ring_params + (s % kFixedStages) * kSlots * 32 * 2;
+#pragma unroll
+      for (int i = 0; i < RT; ++i) {
+        const GemvSegment& sg = (kGated && i >= R) ? segs.seg[1] : s0;
+        const int64_t n = tl.n0 + i % R < s0.N ? tl.n0 + i % R : s0.N - 1;  // past N: dropped
+        const uint4* row = static_cast<const uint4*>(sg.w) + n * chunks;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int c = round + 32 * u + lane;
+          if (c >= chunks) continue;
+          const int slot = (u * RT + i) * 32 + lane;
+          copy_async16(codes + slot, row + c);
+          const int64_t e = n * groups + c * kPerChunk / segs.group_size;
+          const int64_t word = (e << param_shift) & ~int64_t(3);
+          copy_async4(params + 2 * slot, static_cast<const char*>(sg.scales) + word);
+          copy_async4(params + 2 * slot + 1, static_cast<const char*>(sg.biases) + word);
+        }
+      }
+    }
+    copy_async_commit();  // empty groups keep the count of pending groups uniform
+  };
 
-  // Weights are constant: the first tile's first chunks may be fetched before the predecessor
-  // kernel finishes (programmatic dependent launch) and while x is being converted.
-  const int64_t first = int64_t(blockIdx.x) * kFixedWarps + warp;
-  if (first < segs.units) {
-    const Rows r = rows_of(first);
+  // Weights are constant: the first steps may be in flight before the predecessor kernel
+  // finishes (programmatic dependent launch) and while x is being converted.
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (lane + 32 * u < chunks)
-#pragma unroll
-        for (int i = 0; i < RT; ++i) prefetch_l2(r.codes[i] + lane + 32 * u);
-  }
+  for (int p = 0; p < kFixedStages - 1; ++p) issue(p);
   pdl_wait();
   pdl_trigger();
 
@@ -1043,66 +1109,45 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
     scale = 1.0f / sqrtf(total / float(K) + norm_eps);
   }
 
-  // A warp's work is a sequence of steps (tile, round of 32 * kUnroll chunks). The loads of the
-  // next step are issued before the current one is computed, so every warp keeps its loads in
-  // flight across round and tile boundaries instead of waiting at the start of each.
-  struct Step {
-    uint4 raw[kUnroll][RT];
-    float scale[kUnroll][RT], bias[kUnroll][RT];
-  };
-  const int64_t round_chunks = 32 * kUnroll;
-  auto load_step = [&](int64_t tile, int64_t round, Step& st) {
-    const Rows r = rows_of(tile);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c = round + 32 * u + lane;
-      if (c >= chunks) continue;
-      const int64_t g = c * kPerChunk / segs.group_size;
-#pragma unroll
-      for (int i = 0; i < RT; ++i) {
-        st.raw[u][i] = __ldcs(r.codes[i] + c);
-        st.scale[u][i] = load_f32(r.scales[i], segs.param_dtype, g);
-        st.bias[u][i] = load_f32(r.biases[i], segs.param_dtype, g);
-      }
-    }
-  };
   float acc[RT];
 #pragma unroll
   for (int i = 0; i < RT; ++i) acc[i] = 0.0f;
-  int64_t tile = first, round = 0;
-  // Loads the step after (tile, round) into `next`, computes `cur`, writes the tile's outputs
-  // when it is complete, and moves to the next step; false when the warp's work is done. Two
-  // buffers used alternately (not copied: a copy would wait for the loads in flight).
-  auto advance = [&](const Step& cur, Step& next) {
-    int64_t next_tile = tile, next_round = round + round_chunks;
-    if (next_round >= chunks) {
-      next_tile += tile_stride;
-      next_round = 0;
-    }
-    if (next_tile < segs.units) load_step(next_tile, next_round, next);
+  for (int64_t s = 0; s < steps; ++s) {
+    copy_async_wait<kFixedStages - 2>();  // step s has landed
+    // The slot step s - 1 used is free again (its values were consumed last iteration).
+    issue(s + kFixedStages - 1);
+    const int64_t t = first + (s / rounds) * tile_stride;
+    const int round = int(s % rounds) * 32 * kUnroll;
+    const Tile tl = tile_of(t);
+    const uint4* codes = ring_codes + (s % kFixedStages) * kSlots * 32;
+    const uint32_t* params = ring_params + (s % kFixedStages) * kSlots * 32 * 2;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c = round + 32 * u + lane;
+      const int c = round + 32 * u + lane;
       if (c >= chunks) continue;
       FixedWord<kBits> xw[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) xw[j] = xq[j * chunks + c];
       const float2 cp = chunk_params[c];
 #pragma unroll
-      for (int i = 0; i < RT; ++i)
-        acc[i] += cur.scale[u][i] * cp.x * float(chunk_dot_fixed<kBits>(cur.raw[u][i], xw)) +
-                  cur.bias[u][i] * cp.y;
+      for (int i = 0; i < RT; ++i) {
+        const int slot = (u * RT + i) * 32 + lane;
+        const int64_t n = tl.n0 + i % R < segs.seg[tl.si].N ? tl.n0 + i % R : segs.seg[tl.si].N - 1;
+        const int64_t e = n * groups + c * kPerChunk / segs.group_size;
+        const float sc = param_from_word(params[2 * slot], segs.param_dtype, e);
+        const float bi = param_from_word(params[2 * slot + 1], segs.param_dtype, e);
+        acc[i] += sc * cp.x * float(chunk_dot_fixed<kBits>(codes[slot], xw)) + bi * cp.y;
+      }
     }
-    if (next_round == 0) {  // the tile is complete
+    if (s % rounds == rounds - 1) {  // the tile is complete
 #pragma unroll
       for (int i = 0; i < RT; ++i)
         for (int o = 16; o > 0; o >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
-      const Rows r = rows_of(tile);
-      const GemvSegment& s0 = segs.seg[r.si];
-      const GemvSegment& s1 = segs.seg[kGated ? 1 : r.si];
+      const GemvSegment& s0 = segs.seg[tl.si];
+      const GemvSegment& s1 = segs.seg[kGated ? 1 : tl.si];
 #pragma unroll
       for (int i = 0; i < R; ++i) {
-        const int64_t n = r.n0 + i;
+        const int64_t n = tl.n0 + i;
         if (lane != i || n >= s0.N) continue;
         const float a = acc[i] * scale + (s0.bias ? s0.bias[n] : 0.0f);
         if constexpr (kGated) {
@@ -1114,16 +1159,8 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
 #pragma unroll
       for (int i = 0; i < RT; ++i) acc[i] = 0.0f;
     }
-    tile = next_tile;
-    round = next_round;
-    return tile < segs.units;
-  };
-  Step even, odd;
-  if (tile < segs.units) {
-    load_step(tile, round, even);
-    while (advance(even, odd) && advance(odd, even)) {
-    }
   }
+  copy_async_wait<0>();
 }
 
 // The layers' common form for a fused launch, or false (mixed dtypes, unaligned, ...).
@@ -1208,16 +1245,24 @@ template <int kBits, int R, int kUnroll, bool kGated>
 void launch_fixed(const float* x, const GemvSegments& s, int64_t K, const RMSNorm* norm) {
   // Blocks beyond what the SMs hold at once would only repeat the activation conversion: the
   // resident blocks loop over the tiles instead.
-  static const int per_sm = [] {
-    int blocks = 0;
-    MOXIN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &blocks, gemv_fixed_kernel<kBits, R, kUnroll, kGated>, kFixedWarps * 32, kFixedMaxSmem));
-    return std::max(blocks, 1);
+  constexpr int kSlots = kUnroll * (kGated ? 2 * R : R);
+  static_assert(kSlots <= kFixedMaxSlots, "staging ring sized for kFixedMaxSlots");
+  auto* kernel = gemv_fixed_kernel<kBits, R, kUnroll, kGated>;
+  const size_t smem = fixed_smem_bytes(K, kBits, kSlots);
+  static const int max_smem = [&] {
+    const int optin = int(properties().sharedMemPerBlockOptin);
+    MOXIN_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    return optin;
   }();
-  const int64_t resident = int64_t(per_sm) * properties().multiProcessorCount;
+  if (smem > size_t(max_smem))
+    throw_error(ErrorKind::Compute, "linear: fixed-point product too wide for shared memory");
+  int per_sm = 0;
+  MOXIN_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kFixedWarps * 32, smem));
+  const int64_t resident = int64_t(std::max(per_sm, 1)) * properties().multiProcessorCount;
   const int64_t blocks = std::min((s.units + kFixedWarps - 1) / kFixedWarps, resident);
-  launch_pdl(gemv_fixed_kernel<kBits, R, kUnroll, kGated>, unsigned(blocks), kFixedWarps * 32,
-             fixed_smem_bytes(K, kBits), x, s, K,
+  launch_pdl(kernel, unsigned(blocks), kFixedWarps * 32, smem, x, s, K,
              norm ? norm->weight.data<float>() : nullptr, norm ? norm->eps : 0.0f);
 }
 
@@ -1232,7 +1277,7 @@ void launch_fixed_variant(int v, const float* x, int64_t K, const RMSNorm* norm,
   if constexpr (kGated) {
     switch (v) {
       case 0: launch_fixed<kBits, 1, 2, true>(x, make(1), K, norm); break;
-      case 1: launch_fixed<kBits, 1, 3, true>(x, make(1), K, norm); break;
+      case 1: launch_fixed<kBits, 1, 1, true>(x, make(1), K, norm); break;
       default: launch_fixed<kBits, 2, 1, true>(x, make(2), K, norm); break;
     }
   } else {
@@ -1300,20 +1345,25 @@ QuantPath quant_path() {
   return path;
 }
 
-bool use_fixed_point(int bits, int group_size, int64_t K) {
-  return quant_path() != QuantPath::Float && fixed_point_fits(bits, group_size, K);
+bool use_fixed_point(const QuantizedTensor& q) {
+  return quant_path() != QuantPath::Float &&
+         fixed_point_fits(q.bits, q.group_size, q.in_features(), q.scales.raw(), q.biases.raw());
+}
+bool use_fixed_point(const std::vector<const Linear*>& layers) {
+  for (const Linear* l : layers)
+    if (!l->quantized || !use_fixed_point(*l->quantized)) return false;
+  return true;
 }
 
 // bits 4 / 8: MLX codes; 0: bf16 weights.
 template <bool kGated>
 void launch_multi_for_bits(int bits, const float* x, const std::vector<const Linear*>& layers,
                            const std::vector<float*>& ys, int64_t K, const RMSNorm* norm) {
-  const int group_size = bits ? layers[0]->quantized->group_size : 0;
   if (bits == 4) {
-    if (use_fixed_point(bits, group_size, K)) launch_multi_fixed<4, kGated>(x, layers, ys, K, norm);
+    if (use_fixed_point(layers)) launch_multi_fixed<4, kGated>(x, layers, ys, K, norm);
     else launch_multi_tuned<4, kGated>(x, layers, ys, K, norm);
   } else if (bits == 8) {
-    if (use_fixed_point(bits, group_size, K)) launch_multi_fixed<8, kGated>(x, layers, ys, K, norm);
+    if (use_fixed_point(layers)) launch_multi_fixed<8, kGated>(x, layers, ys, K, norm);
     else launch_multi_tuned<8, kGated>(x, layers, ys, K, norm);
   } else {
     launch_multi_tuned<0, kGated>(x, layers, ys, K, norm);
@@ -1378,7 +1428,7 @@ void linear_into(const Tensor& x, const Linear& layer, Tensor& y, bool accumulat
     const bool use_gemv =
         path == QuantPath::Gemv || (path != QuantPath::Dense && M <= kGemvMaxRows);
     if (use_gemv && fast_bits && reinterpret_cast<uintptr_t>(xp) % 16 == 0) {
-      if (M == 1 && use_fixed_point(q->bits, q->group_size, K)) {
+      if (M == 1 && use_fixed_point(*q)) {
         if (q->bits == 4) launch_single_fixed<4>(xp, *q, bias, residual, yp, N, K);
         else launch_single_fixed<8>(xp, *q, bias, residual, yp, N, K);
         return;
