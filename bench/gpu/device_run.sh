@@ -103,6 +103,9 @@ if [[ $what != tests ]]; then
     echo "== ncu: 4-bit decode products"
     bench/gpu/profile_decode.sh "$dist/moxin-vlm" /tmp/moxin-full "$out/ncu_q4.txt" 4 | head -80
     pack
+    echo "== ncu: kernel times of vision + prefill (bf16)"
+    bench/gpu/profile_prefill.sh "$dist/moxin-vlm" /tmp/moxin-full "$out/prefill_kernels.txt" 16
+    pack
     if command -v nsys >/dev/null; then
       for bits in 16 4; do
         quant=(); [[ $bits != 16 ]] && quant=(--quantize $bits --group-size 64)

@@ -863,7 +863,8 @@ bool fixed_point_fits(int bits, int group_size, int64_t K, const void* scales, c
          K % group_size == 0 && (K / group_size) % 2 == 0 &&
          reinterpret_cast<uintptr_t>(scales) % 4 == 0 &&
          reinterpret_cast<uintptr_t>(biases) % 4 == 0 &&
-         fixed_smem_bytes(K, bits, kFixedMaxSlots) <= size_t(properties().sharedMemPerBlockOptin);
+         fixed_smem_bytes(K, bits, kFixedMaxSlots) + 1024 <=
+             size_t(properties().sharedMemPerBlockOptin);  // 1 KB: the kernel's static share
 }
 
 __device__ __forceinline__ const void* param_row(const void* base, DType dtype, int64_t offset) {
@@ -1249,11 +1250,15 @@ void launch_fixed(const float* x, const GemvSegments& s, int64_t K, const RMSNor
   static_assert(kSlots <= kFixedMaxSlots, "staging ring sized for kFixedMaxSlots");
   auto* kernel = gemv_fixed_kernel<kBits, R, kUnroll, kGated>;
   const size_t smem = fixed_smem_bytes(K, kBits, kSlots);
+  // Dynamic shared memory beyond 48 KB must be opted into, up to the card's limit less the
+  // kernel's static shared memory.
   static const int max_smem = [&] {
-    const int optin = int(properties().sharedMemPerBlockOptin);
+    cudaFuncAttributes attributes{};
+    MOXIN_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    const int limit = int(properties().sharedMemPerBlockOptin - attributes.sharedSizeBytes);
     MOXIN_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-    return optin;
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
+    return limit;
   }();
   if (smem > size_t(max_smem))
     throw_error(ErrorKind::Compute, "linear: fixed-point product too wide for shared memory");
@@ -1376,6 +1381,32 @@ void set_gemv_variant_for_testing(int variant) { forced_variant.store(variant); 
 
 namespace {
 
+// The layer's weights expanded to bf16 [N, K] in pool scratch (the cuBLASLt path of quantized
+// layers).
+Tensor dequantized_bf16(const QuantizedTensor& q) {
+  const int64_t N = q.out_features(), K = q.in_features();
+  Tensor dense = Tensor::empty({N, K}, DType::BF16, Device::CUDA);
+  auto* dense_p = static_cast<__nv_bfloat16*>(dense.raw_mut());
+  if (q.bits == 4 || q.bits == 8) {
+    const int64_t words = N * K * q.bits / 32;
+    if (q.bits == 4) {
+      dequantize_words_bf16_kernel<4><<<blocks_for(words, 256), 256, 0, stream()>>>(
+          q.weight.data<uint32_t>(), q.scales.raw(), q.biases.raw(), q.scales.dtype(),
+          q.group_size, N, K, dense_p);
+    } else {
+      dequantize_words_bf16_kernel<8><<<blocks_for(words, 256), 256, 0, stream()>>>(
+          q.weight.data<uint32_t>(), q.scales.raw(), q.biases.raw(), q.scales.dtype(),
+          q.group_size, N, K, dense_p);
+    }
+  } else {
+    dequantize_bf16_kernel<<<blocks_for(N * K, 256), 256, 0, stream()>>>(
+        static_cast<const uint8_t*>(q.weight.raw()), q.scales.raw(), q.biases.raw(),
+        q.scales.dtype(), q.group_size, q.bits, N, K, dense_p);
+  }
+  MOXIN_LAUNCH_CHECK();
+  return dense;
+}
+
 // y = x W^T + bias, or y += x W^T + bias when `accumulate` (y then already has the output
 // shape): decode products add into y in their epilogue, larger ones through a temporary.
 void linear_into(const Tensor& x, const Linear& layer, Tensor& y, bool accumulate) {
@@ -1442,25 +1473,7 @@ void linear_into(const Tensor& x, const Linear& layer, Tensor& y, bool accumulat
     }
     if (capturing())
       throw_error(ErrorKind::Compute, "linear: this quantized layer cannot run in a decode graph");
-    Tensor dense = Tensor::empty({N, K}, DType::BF16, Device::CUDA);
-    auto* dense_p = static_cast<__nv_bfloat16*>(dense.raw_mut());
-    if (fast_bits) {
-      const int64_t words = N * K * q->bits / 32;
-      if (q->bits == 4) {
-        dequantize_words_bf16_kernel<4><<<blocks_for(words, 256), 256, 0, stream()>>>(
-            q->weight.data<uint32_t>(), q->scales.raw(), q->biases.raw(), q->scales.dtype(),
-            q->group_size, N, K, dense_p);
-      } else {
-        dequantize_words_bf16_kernel<8><<<blocks_for(words, 256), 256, 0, stream()>>>(
-            q->weight.data<uint32_t>(), q->scales.raw(), q->biases.raw(), q->scales.dtype(),
-            q->group_size, N, K, dense_p);
-      }
-    } else {
-      dequantize_bf16_kernel<<<blocks_for(N * K, 256), 256, 0, stream()>>>(
-          static_cast<const uint8_t*>(q->weight.raw()), q->scales.raw(), q->biases.raw(),
-          q->scales.dtype(), q->group_size, q->bits, N, K, dense_p);
-    }
-    MOXIN_LAUNCH_CHECK();
+    const Tensor dense = dequantized_bf16(*q);
     const Tensor xb = narrowed<__nv_bfloat16>(x, DType::BF16);
     gemm(dense.raw(), xb.raw(), CUDA_R_16BF, M, N, K, bias, gemm_out());
     if (accumulate) add_inplace(y, product);
@@ -1510,10 +1523,49 @@ bool norm_fusable(const RMSNorm* norm, int64_t K) {
                    reinterpret_cast<uintptr_t>(norm->weight.raw()) % 16 == 0);
 }
 
+// Whether every layer runs through cuBLASLt on bf16 activations at M rows: bf16 weights, or
+// quantized ones expanded to bf16.
+bool bf16_products(const std::vector<const Linear*>& layers, int64_t M, int64_t K) {
+  if (M <= kGemvMaxRows || quant_path() == QuantPath::Gemv || capturing()) return false;
+  for (const Linear* l : layers) {
+    if (l->in_features() != K) return false;
+    if (l->bias.defined() && (l->bias.device() != Device::CUDA || l->bias.dtype() != DType::F32))
+      return false;
+    if (l->quantized) {
+      const QuantizedTensor& q = *l->quantized;
+      if (q.weight.device() != Device::CUDA || q.scales.device() != Device::CUDA ||
+          q.biases.device() != Device::CUDA)
+        return false;
+    } else if (l->weight.dtype() != DType::BF16 || l->weight.device() != Device::CUDA) {
+      return false;
+    }
+  }
+  return true;
+}
+
 std::vector<Tensor> separate_products(const Tensor& x, const std::vector<const Linear*>& layers,
                                       const RMSNorm* norm) {
-  const Tensor h = norm ? rms_norm(x, *norm) : x;
   std::vector<Tensor> out;
+  const int64_t K = x.ndim() ? x.dim(-1) : 0;
+  if (x.defined() && x.dtype() == DType::F32 && x.device() == Device::CUDA && K > 0 &&
+      bf16_products(layers, x.numel() / K, K)) {
+    // Many rows with bf16 products (prefill): the input is normalised and rounded to bf16 once,
+    // in one kernel, and every product reads that copy.
+    const int64_t M = x.numel() / K;
+    const Tensor xb = norm ? rms_norm_bf16(x, *norm) : narrowed<__nv_bfloat16>(x, DType::BF16);
+    for (const Linear* l : layers) {
+      Shape shape = x.shape();
+      shape.back() = l->out_features();
+      Tensor y = Tensor::empty(shape, DType::F32, Device::CUDA);
+      const Tensor dense = l->quantized ? dequantized_bf16(*l->quantized) : Tensor();
+      gemm(l->quantized ? dense.raw() : l->weight.raw(), xb.raw(), CUDA_R_16BF, M,
+           l->out_features(), K, l->bias.defined() ? l->bias.data<float>() : nullptr,
+           y.data_mut<float>());
+      out.push_back(std::move(y));
+    }
+    return out;
+  }
+  const Tensor h = norm ? rms_norm(x, *norm) : x;
   for (const Linear* l : layers) out.push_back(linear(h, *l));
   return out;
 }
@@ -1551,8 +1603,8 @@ Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up, cons
                           x.device() == Device::CUDA && x.ndim() > 0 && x.numel() == x.dim(-1);
   if (!single_row || gate.out_features() != up.out_features() ||
       !fusable(x.data<float>(), layers, x.dim(-1), &bits) || !norm_fusable(norm, x.dim(-1))) {
-    const Tensor h = norm ? rms_norm(x, *norm) : x;
-    return silu_mul(linear(h, gate), linear(h, up));
+    const std::vector<Tensor> halves = separate_products(x, layers, norm);
+    return silu_mul(halves[0], halves[1]);
   }
   const int64_t K = x.dim(-1);
   if (gate.in_features() != K || up.in_features() != K)

@@ -48,18 +48,27 @@ __device__ float block_sum(float v, float* scratch) {
   return v;
 }
 
+// Output float32, or bf16 rounded from the same float32 values (the input of bf16 products).
+template <class T>
 __global__ void rms_norm_kernel(const float* __restrict__ x, const float* __restrict__ w,
-                                float eps, int64_t D, float* __restrict__ y) {
+                                float eps, int64_t D, T* __restrict__ y) {
   pdl_wait();
   pdl_trigger();
   __shared__ float scratch[32];
   const float* xr = x + blockIdx.x * D;
-  float* yr = y + blockIdx.x * D;
+  T* yr = y + blockIdx.x * D;
   float sq = 0;
   for (int64_t i = threadIdx.x; i < D; i += blockDim.x) sq += xr[i] * xr[i];
   sq = block_sum(sq, scratch);
   const float inv = 1.0f / sqrtf(sq / float(D) + eps);
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) yr[i] = w[i] * (xr[i] * inv);
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    const float v = w[i] * (xr[i] * inv);
+    if constexpr (std::is_same_v<T, float>) {
+      yr[i] = v;
+    } else {
+      yr[i] = __float2bfloat16(v);
+    }
+  }
 }
 
 __global__ void layer_norm_kernel(const float* __restrict__ x, const float* __restrict__ w,
@@ -640,19 +649,32 @@ Tensor layer_norm(const Tensor& x, const LayerNorm& norm) {
   return y;
 }
 
-Tensor rms_norm(const Tensor& x, const RMSNorm& norm) {
+namespace {
+
+template <class T>
+Tensor rms_norm_as(const Tensor& x, const RMSNorm& norm, DType dtype) {
   require_f32_cuda(x, "rms_norm");
   const int64_t D = x.dim(-1);
   require_on_gpu(norm.weight, "rms_norm", "weight");
-  if (norm.weight.numel() != D)
+  if (norm.weight.numel() != D || norm.weight.dtype() != DType::F32)
     throw_error(ErrorKind::Compute, "rms_norm: weight does not match " + shape_to_string(x.shape()));
-  Tensor y = Tensor::empty(x.shape(), DType::F32, Device::CUDA);
+  Tensor y = Tensor::empty(x.shape(), dtype, Device::CUDA);
   const int64_t rows = x.numel() / D;
   if (rows == 0) return y;
-  launch_pdl(rms_norm_kernel, unsigned(rows), kThreads, 0, x.data<float>(),
-             norm.weight.data<float>(), norm.eps, D, y.data_mut<float>());
+  launch_pdl(rms_norm_kernel<T>, unsigned(rows), kThreads, 0, x.data<float>(),
+             norm.weight.data<float>(), norm.eps, D, static_cast<T*>(y.raw_mut()));
   MOXIN_LAUNCH_CHECK();
   return y;
+}
+
+}  // namespace
+
+Tensor rms_norm(const Tensor& x, const RMSNorm& norm) {
+  return rms_norm_as<float>(x, norm, DType::F32);
+}
+
+Tensor rms_norm_bf16(const Tensor& x, const RMSNorm& norm) {
+  return rms_norm_as<__nv_bfloat16>(x, norm, DType::BF16);
 }
 
 void gelu_inplace(Tensor& x) {

@@ -17,6 +17,8 @@ std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const L
 Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up, const RMSNorm* norm);
 Tensor layer_norm(const Tensor& x, const LayerNorm& norm);
 Tensor rms_norm(const Tensor& x, const RMSNorm& norm);
+// The same norm with its output rounded to bf16: the input of cuBLASLt products, in one pass.
+Tensor rms_norm_bf16(const Tensor& x, const RMSNorm& norm);
 void gelu_inplace(Tensor& x);
 Tensor silu_mul(const Tensor& gate, const Tensor& up);
 void add_inplace(Tensor& x, const Tensor& y);
@@ -47,8 +49,8 @@ void write_positions(Tensor& dst, const Tensor& src, const BatchPositions& at);
 Tensor to_f32(const Tensor& t);
 
 // Single-row products pick their kernel variant by timing once per shape; tests force each
-// variant in turn (0..6 for quantized products, fewer for 16-bit ones: larger indices pick the
-// last) and restore tuning with -1.
+// variant in turn (0..3; kinds with fewer variants take their last for larger indices) and
+// restore tuning with -1.
 void set_gemv_variant_for_testing(int variant);
 
 }  // namespace moxin::cuda
