@@ -121,8 +121,8 @@ TEST(CudaOps, EverySingleRowGemvVariantMatchesCpu) {
   const Case cases[] = {{4352, 33, 0}, {64, 4304, 0}, {14336, 31, 0}, {4096, 1025, 0},
                         {4352, 33, 4}, {256, 4304, 4}, {14336, 31, 4}, {4096, 1025, 4},
                         {4352, 33, 8}, {256, 4304, 8}, {14336, 31, 8}, {4096, 1025, 8},
-                        // wider than the fixed-point kernel's shared memory: float kernels
-                        {24576, 33, 4}, {24576, 31, 8}};
+                        // wider than the fixed-point kernel's shared memory on any card: float
+                        {65536, 33, 4}, {65536, 31, 8}};
   uint32_t seed = 300;
   for (int variant = 0; variant < 4; ++variant) {  // every format: 4 variants
     cuda::set_gemv_variant_for_testing(variant);
@@ -215,12 +215,12 @@ TEST(CudaOps, FusedSameInputProductsMatchCpu) {
   cuda::set_gemv_variant_for_testing(-1);
 }
 
-// Quantized rows too wide for the fixed-point kernel's shared memory take the float kernels,
-// fused launches included: every variant against separate CPU products.
+// Quantized rows too wide for the fixed-point kernel's shared memory (on any card) take the
+// float kernels, fused launches included: every variant against separate CPU products.
 TEST(CudaOps, WideQuantizedFusedProductsMatchCpu) {
   MOXIN_SKIP_WITHOUT_GPU();
   uint32_t seed = 800;
-  const int64_t K = 24576;
+  const int64_t K = 65536;
   auto make = [&](int64_t N, int bits, Linear* cpu_layer, Linear* gpu_layer) {
     const Tensor w = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
     const Tensor b = random_tensor({N}, ++seed);
