@@ -536,7 +536,8 @@ TEST(CudaOps, BidirectionalAttentionMatchesCpu) {
   MOXIN_SKIP_WITHOUT_GPU();
   struct Case { int64_t B, T, heads, Dh; };
   const Case cases[] = {{1, 1, 2, 64}, {2, 31, 2, 64}, {1, 33, 3, 72}, {1, 261, 16, 64},
-                        {1, 256, 16, 72}, {2, 32, 1, 128}, {1, 40, 4, 18}};
+                        {1, 256, 16, 72}, {2, 32, 1, 128}, {1, 40, 4, 18},
+                        {5, 257, 16, 64}};  // enough blocks for four rows per thread
   uint32_t seed = 300;
   for (const Case& c : cases) {
     const Tensor qkv = random_tensor({c.B, c.T, 3 * c.heads * c.Dh}, ++seed, 1.5f);
@@ -552,6 +553,7 @@ TEST(CudaOps, CausalAttentionMatchesCpuForPrefillAndDecode) {
       {1, 33, 0, 8, 2, 128, 40, 0},   {2, 31, 9, 4, 2, 16, 64, 0},  {1, 33, 40, 8, 8, 64, 80, 7},
       {1, 1, 299, 32, 8, 128, 512, 0}, {2, 1, 32, 4, 2, 16, 33, 0},  {1, 1, 300, 8, 2, 128, 320, 64},
       {1, 280, 0, 32, 8, 128, 300, 0}, {1, 1, 0, 4, 4, 72, 8, 0},
+      {3, 300, 0, 32, 8, 128, 320, 0},  // enough blocks for four rows per thread
       // decode split over many key blocks (flash-decoding), with a window and two sequences
       {2, 1, 700, 8, 4, 72, 1000, 100}, {1, 1, 63, 32, 8, 128, 1000, 0},
   };

@@ -409,56 +409,76 @@ __global__ void __launch_bounds__(128) flash_attention_kernel(AttnArgs a) {
 
 // The same attention, register-tiled (prefill and the vision towers; profiles of the kernel
 // above: 45% of vision + prefill GPU time, most of it shuffles and shared-memory traffic per
-// key). A block of 256 threads takes 64 query rows of one head; keys and values stream through
-// shared memory 64 at a time. Thread (ty, tx) of a 16 x 16 grid computes a 4 x 4 tile of
-// scores (rows 4 ty.., keys 4 tx..) from transposed Q and K tiles (one 16-byte load of each per
-// element of the head), keeps the online softmax of its 4 rows (max and sum across the 16
-// threads of a row group by warp shuffles), and accumulates its 4 rows x every 16th column of
-// the output. Float32 throughout: the same arithmetic as above in another order.
-constexpr int kTileRows = 64;
+// key). A block of 256 threads takes 16 * kRows query rows of one head; keys and values stream
+// through shared memory 64 at a time. Thread (ty, tx) of a 16 x 16 grid computes a kRows x 4
+// tile of scores (rows kRows ty.., keys 4 tx..) from transposed Q and K tiles, keeps the online
+// softmax of its rows (max and sum across the 16 threads of a row group by warp shuffles), and
+// accumulates its rows x every 16th column of the output. kRows = 2 doubles the blocks of short
+// sequences (the towers: 16 heads, 257 rows). Float32 throughout: the same arithmetic as above
+// in another order.
 constexpr int kTileKeys = 64;
-constexpr int kTilePad = kTileRows + 4;  // row stride of the transposed tiles (floats)
+constexpr int kKeyPad = kTileKeys + 4;        // row stride of the transposed key tile (floats)
 constexpr int kTileCols = kFlashMaxDh / 16;  // output columns per thread, at most
 
-size_t tiled_attention_smem(int64_t Dh) {
-  // Qt [Dh][kTilePad], Kt [Dh][kTilePad], V [kTileKeys][Dh], Pt [kTileKeys][kTilePad]
-  return size_t(2 * Dh * kTilePad + kTileKeys * Dh + kTileKeys * kTilePad) * sizeof(float);
+template <int kRows>
+struct AttentionTile {
+  static constexpr int kBlockRows = 16 * kRows;
+  static constexpr int kRowPad = kBlockRows + 4;  // row stride of the transposed Q and P tiles
+  // Qt [Dh][kRowPad], Kt [Dh][kKeyPad], V [kTileKeys][Dh], Pt [kTileKeys][kRowPad] (floats)
+  static size_t smem(int64_t Dh) {
+    return size_t(Dh * kRowPad + Dh * kKeyPad + kTileKeys * Dh + kTileKeys * kRowPad) *
+           sizeof(float);
+  }
+};
+
+template <int kRows>
+__device__ __forceinline__ void load_rows(const float* p, float (&out)[kRows]) {
+  if constexpr (kRows == 4) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+  } else {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    out[0] = v.x, out[1] = v.y;
+  }
 }
 
+template <int kRows>
 __global__ void __launch_bounds__(256) flash_attention_tiled_kernel(AttnArgs a) {
+  using Tile = AttentionTile<kRows>;
+  constexpr int kBlockRows = Tile::kBlockRows, kRowPad = Tile::kRowPad;
   extern __shared__ float tile_smem[];
   const int Dh = int(a.Dh);
-  float* qt = tile_smem;                 // [Dh][kTilePad]: scaled queries, transposed
-  float* kt = qt + Dh * kTilePad;        // [Dh][kTilePad]: keys, transposed
-  float* vs = kt + Dh * kTilePad;        // [kTileKeys][Dh]
-  float* pt = vs + kTileKeys * Dh;       // [kTileKeys][kTilePad]: probabilities, transposed
+  float* qt = tile_smem;                 // scaled queries, transposed
+  float* kt = qt + Dh * kRowPad;         // keys, transposed
+  float* vs = kt + Dh * kKeyPad;         // values
+  float* pt = vs + kTileKeys * Dh;       // probabilities, transposed
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t h = blockIdx.y, b = blockIdx.z;
   const int64_t g = h / (a.Hq / a.Hkv);
-  const int64_t row0 = int64_t(blockIdx.x) * kTileRows;
+  const int64_t row0 = int64_t(blockIdx.x) * kBlockRows;
   const int64_t shift = delta_of(a.delta);
   const int64_t q_offset = a.q_starts ? int64_t(a.q_starts[b]) : a.q_offset + shift;
   const int64_t Lk = a.q_starts ? q_offset + a.Lq : a.Lk + shift;
   const float kLog2e = 1.4426950408889634f;
 
   const float* qbase = a.q + b * a.q_batch + h * Dh;
-  for (int i = tid; i < kTileRows * Dh; i += blockDim.x) {
+  for (int i = tid; i < kBlockRows * Dh; i += blockDim.x) {
     const int r = i / Dh, d = i % Dh;
     const int64_t row = row0 + r;
-    qt[d * kTilePad + r] = row < a.Lq ? qbase[row * a.q_row + d] * a.scale * kLog2e : 0.0f;
+    qt[d * kRowPad + r] = row < a.Lq ? qbase[row * a.q_row + d] * a.scale * kLog2e : 0.0f;
   }
   int64_t key_begin = 0, key_end = Lk;
   if (a.causal) {
-    key_end = min(Lk, q_offset + min(row0 + kTileRows, a.Lq));
+    key_end = min(Lk, q_offset + min(row0 + kBlockRows, a.Lq));
     if (a.window > 0) key_begin = max(int64_t(0), q_offset + row0 - a.window + 1);
     key_begin = key_begin / kTileKeys * kTileKeys;
   }
   const float* kbase = a.k + b * a.kv_batch + g * a.kv_head;
   const float* vbase = a.v + b * a.kv_batch + g * a.kv_head;
 
-  float m[4], l[4], acc[4][kTileCols];
+  float m[kRows], l[kRows], acc[kRows][kTileCols];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < kRows; ++i) {
     m[i] = -INFINITY;
     l[i] = 0.0f;
 #pragma unroll
@@ -470,27 +490,29 @@ __global__ void __launch_bounds__(256) flash_attention_tiled_kernel(AttnArgs a) 
       const int kk = i / Dh, d = i % Dh;
       const int64_t j = j0 + kk;
       const bool in = j < key_end;
-      kt[d * kTilePad + kk] = in ? kbase[j * a.kv_row + d] : 0.0f;
+      kt[d * kKeyPad + kk] = in ? kbase[j * a.kv_row + d] : 0.0f;
       vs[kk * Dh + d] = in ? vbase[j * a.kv_row + d] : 0.0f;
     }
     __syncthreads();
-    float s[4][4];
+    float s[kRows][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < kRows; ++i)
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) s[i][jj] = 0.0f;
+#pragma unroll 8
     for (int d = 0; d < Dh; ++d) {
-      const float4 qv = *reinterpret_cast<const float4*>(qt + d * kTilePad + 4 * ty);
-      const float4 kv = *reinterpret_cast<const float4*>(kt + d * kTilePad + 4 * tx);
-      const float qa[4] = {qv.x, qv.y, qv.z, qv.w}, ka[4] = {kv.x, kv.y, kv.z, kv.w};
+      float qa[kRows];
+      load_rows<kRows>(qt + d * kRowPad + kRows * ty, qa);
+      const float4 kv = *reinterpret_cast<const float4*>(kt + d * kKeyPad + 4 * tx);
+      const float ka[4] = {kv.x, kv.y, kv.z, kv.w};
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < kRows; ++i)
 #pragma unroll
         for (int jj = 0; jj < 4; ++jj) s[i][jj] = fmaf(qa[i], ka[jj], s[i][jj]);
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t pos = q_offset + row0 + 4 * ty + i;  // this row's absolute position
+    for (int i = 0; i < kRows; ++i) {
+      const int64_t pos = q_offset + row0 + kRows * ty + i;  // this row's absolute position
       float tile_max = -INFINITY;
 #pragma unroll
       for (int jj = 0; jj < 4; ++jj) {
@@ -517,26 +539,27 @@ __global__ void __launch_bounds__(256) flash_attention_tiled_kernel(AttnArgs a) 
       for (int c = 0; c < kTileCols; ++c) acc[i][c] *= correction;
       m[i] = m_new;
 #pragma unroll
-      for (int jj = 0; jj < 4; ++jj) pt[(4 * tx + jj) * kTilePad + 4 * ty + i] = p[jj];
+      for (int jj = 0; jj < 4; ++jj) pt[(4 * tx + jj) * kRowPad + kRows * ty + i] = p[jj];
     }
     __syncthreads();
     const int keys = int(min(int64_t(kTileKeys), key_end - j0));
+#pragma unroll 4
     for (int kk = 0; kk < keys; ++kk) {
-      const float4 pv = *reinterpret_cast<const float4*>(pt + kk * kTilePad + 4 * ty);
-      const float pa[4] = {pv.x, pv.y, pv.z, pv.w};
+      float pa[kRows];
+      load_rows<kRows>(pt + kk * kRowPad + kRows * ty, pa);
       const float* vrow = vs + kk * Dh;
 #pragma unroll
       for (int c = 0; c < kTileCols; ++c) {
         const int col = tx + 16 * c;
         const float v = col < Dh ? vrow[col] : 0.0f;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[i][c] = fmaf(pa[i], v, acc[i][c]);
+        for (int i = 0; i < kRows; ++i) acc[i][c] = fmaf(pa[i], v, acc[i][c]);
       }
     }
   }
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t row = row0 + 4 * ty + i;
+  for (int i = 0; i < kRows; ++i) {
+    const int64_t row = row0 + kRows * ty + i;
     if (row >= a.Lq) continue;
     const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
     float* orow = a.out + b * a.out_batch + row * a.out_row + h * Dh;
@@ -546,6 +569,21 @@ __global__ void __launch_bounds__(256) flash_attention_tiled_kernel(AttnArgs a) 
       if (col < Dh) orow[col] = acc[i][c] * inv;
     }
   }
+}
+
+// Opts the tiled kernel into the shared memory beyond 48 KB, once: up to the card's limit less
+// its static share. Returns that limit.
+template <int kRows>
+size_t tiled_attention_limit() {
+  static const size_t limit = [] {
+    cudaFuncAttributes attributes{};
+    MOXIN_CUDA_CHECK(cudaFuncGetAttributes(&attributes, flash_attention_tiled_kernel<kRows>));
+    const size_t bytes = properties().sharedMemPerBlockOptin - attributes.sharedSizeBytes;
+    MOXIN_CUDA_CHECK(cudaFuncSetAttribute(flash_attention_tiled_kernel<kRows>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    return bytes;
+  }();
+  return limit;
 }
 
 // Decode attention: one query row per (head, batch) over the whole history. 8 warps split the
@@ -754,21 +792,17 @@ void launch_attention(const AttnArgs& a, int64_t B, int64_t key_capacity = 0) {
     }
   } else {
     if (a.delta) throw_error(ErrorKind::Compute, "a recorded decode step takes one token");
-    // Shared memory beyond 48 KB must be opted into, once, up to the card's limit less the
-    // kernel's static share; the tiles need at most ~120 KB (Dh = 128).
-    static const size_t tiled_limit = [] {
-      cudaFuncAttributes attributes{};
-      MOXIN_CUDA_CHECK(cudaFuncGetAttributes(&attributes, flash_attention_tiled_kernel));
-      const size_t limit = properties().sharedMemPerBlockOptin - attributes.sharedSizeBytes;
-      MOXIN_CUDA_CHECK(cudaFuncSetAttribute(flash_attention_tiled_kernel,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            int(limit)));
-      return limit;
-    }();
-    const size_t smem = tiled_attention_smem(a.Dh);
-    if (smem <= tiled_limit) {
-      const dim3 grid(unsigned((a.Lq + kTileRows - 1) / kTileRows), unsigned(a.Hq), unsigned(B));
-      flash_attention_tiled_kernel<<<grid, 256, smem, stream()>>>(a);
+    // Four rows per thread when 64-row blocks fill every SM twice, else two (more, smaller
+    // blocks: the towers' 16 heads, a single prefill).
+    const int64_t blocks64 = (a.Lq + 63) / 64 * a.Hq * B;
+    const bool wide = blocks64 >= 2 * int64_t(properties().multiProcessorCount);
+    const size_t smem = wide ? AttentionTile<4>::smem(a.Dh) : AttentionTile<2>::smem(a.Dh);
+    if (wide && smem <= tiled_attention_limit<4>()) {
+      const dim3 grid(unsigned((a.Lq + 63) / 64), unsigned(a.Hq), unsigned(B));
+      flash_attention_tiled_kernel<4><<<grid, 256, smem, stream()>>>(a);
+    } else if (!wide && smem <= tiled_attention_limit<2>()) {
+      const dim3 grid(unsigned((a.Lq + 31) / 32), unsigned(a.Hq), unsigned(B));
+      flash_attention_tiled_kernel<2><<<grid, 256, smem, stream()>>>(a);
     } else {
       const dim3 grid(unsigned((a.Lq + kFlashRows - 1) / kFlashRows), unsigned(a.Hq), unsigned(B));
       const int64_t chunks = (a.Dh + kFlashParts - 1) / kFlashParts;
