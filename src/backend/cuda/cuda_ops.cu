@@ -462,6 +462,8 @@ __global__ void __launch_bounds__(256) flash_attention_tiled_kernel(AttnArgs a) 
   const float kLog2e = 1.4426950408889634f;
 
   const float* qbase = a.q + b * a.q_batch + h * Dh;
+  // The tile fills are unrolled so that each thread keeps several global loads in flight.
+#pragma unroll 8
   for (int i = tid; i < kBlockRows * Dh; i += blockDim.x) {
     const int r = i / Dh, d = i % Dh;
     const int64_t row = row0 + r;
@@ -486,6 +488,7 @@ __global__ void __launch_bounds__(256) flash_attention_tiled_kernel(AttnArgs a) 
   }
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kTileKeys) {
     __syncthreads();  // the previous tile's keys, values and probabilities are consumed
+#pragma unroll 8
     for (int i = tid; i < kTileKeys * Dh; i += blockDim.x) {
       const int kk = i / Dh, d = i % Dh;
       const int64_t j = j0 + kk;
