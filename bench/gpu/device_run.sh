@@ -9,7 +9,8 @@
 #        final: tests and the benchmark without the full-checkpoint diagnostics;
 #        pdl: tests, decode with and without PDL in the graph, prefill kernel times;
 #        quick: tests, decode at every format with the tuner's log, 4-bit with the float
-#        kernels as the same-run baseline, and a kernel-time summary of one bench run (nsys))
+#        kernels as the same-run baseline, decode counters and the kernel times of vision +
+#        prefill; ttft: tests, the bf16 bench and the kernel times of vision + prefill)
 set -uo pipefail
 what="${1:-all}"
 build="${2:-build-cuda2}"
@@ -34,7 +35,7 @@ if [[ $what != tests ]]; then
        >/tmp/gen_full.log 2>&1; echo "full: rc=$?" >>/tmp/gen_full.log) &
 fi
 if [[ $what == tests || $what == all || $what == profile || $what == final || $what == pdl ||
-      $what == quick ]]; then
+      $what == quick || $what == ttft ]]; then
   for v in tiny-hf tiny-native tiny-f32 real-towers; do
     (python3 reference/make_checkpoints.py --variant "$v" --out "tests/fixtures/checkpoints/$v" \
        >"/tmp/gen_$v.log" 2>&1) &
@@ -85,6 +86,14 @@ if [[ $what != tests ]]; then
       "$dist/moxin-vlm" bench --model /tmp/moxin-full --device cuda --prompt-tokens 24 \
       --decode-tokens 1 >"$out/ncu_prefill.txt" 2>&1
     echo "ncu rc=$?"
+    pack
+    exit 0
+  fi
+  if [[ $what == ttft ]]; then
+    timeout 200 "$dist/moxin-vlm" bench --model /tmp/moxin-full --device cuda --prompt-tokens 24 \
+      --decode-tokens 64 >"$out/ttft_bf16.json" 2>"$out/ttft_bf16.err"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('decode_tok_s','decode_fraction_of_roofline','ttft_ms','vision_ms','prefill_ms')})" "$out/ttft_bf16.json"
+    bench/gpu/profile_prefill.sh "$dist/moxin-vlm" /tmp/moxin-full "$out/prefill_kernels.txt" 16
     pack
     exit 0
   fi
