@@ -309,113 +309,18 @@ struct AttnArgs {
   const int* q_starts;
 };
 
-// Flash-style attention, float32 on the CUDA cores: a block of 128 threads takes 16 query rows
-// of one head, eight threads per row, each owning every eighth element of the head. Keys and
-// values stream through shared memory 32 at a time with an online softmax, so no score matrix
-// is ever written. Head dims up to 128.
-constexpr int kFlashParts = 8;  // threads per query row
-constexpr int kFlashRows = 128 / kFlashParts;
-constexpr int kFlashKeys = 32;
-constexpr int kFlashMaxDh = 128;
+constexpr int kFlashMaxDh = 128;  // head dims up to this
 
-template <int kChunks>  // ceil(Dh / kFlashParts) upper bound: the registers each thread holds per vector
-__global__ void __launch_bounds__(128) flash_attention_kernel(AttnArgs a) {
-  __shared__ float ks[kFlashKeys][kFlashMaxDh + 4];
-  __shared__ float vs[kFlashKeys][kFlashMaxDh + 4];
-  const int tid = threadIdx.x, part = tid % kFlashParts, r = tid / kFlashParts;
-  const int64_t h = blockIdx.y, b = blockIdx.z;
-  const int64_t g = h / (a.Hq / a.Hkv);
-  const int64_t row0 = int64_t(blockIdx.x) * kFlashRows, row = row0 + r;
-  const bool valid_row = row < a.Lq;
-  const int Dh = int(a.Dh), chunks = (Dh + kFlashParts - 1) / kFlashParts;
-  const int64_t shift = delta_of(a.delta);
-  const int64_t q_offset = a.q_starts ? int64_t(a.q_starts[b]) : a.q_offset + shift;
-  const int64_t Lk = a.q_starts ? q_offset + a.Lq : a.Lk + shift;
-  const float kLog2e = 1.4426950408889634f;
-
-  float q[kChunks], acc[kChunks];
-  const float* qrow = a.q + b * a.q_batch + row * a.q_row + h * Dh;
-#pragma unroll
-  for (int i = 0; i < kChunks; ++i) {
-    const int d = part + kFlashParts * i;
-    q[i] = (valid_row && i < chunks && d < Dh) ? qrow[d] * a.scale * kLog2e : 0.0f;
-    acc[i] = 0.0f;
-  }
-  float m = -INFINITY, l = 0.0f;
-  const int64_t pos = q_offset + row;  // absolute position of this query (causal)
-  int64_t key_begin = 0, key_end = Lk;
-  if (a.causal) {
-    key_end = min(Lk, q_offset + min(row0 + kFlashRows, a.Lq));
-    if (a.window > 0) key_begin = max(int64_t(0), q_offset + row0 - a.window + 1);
-    key_begin = key_begin / kFlashKeys * kFlashKeys;
-  }
-  const float* kbase = a.k + b * a.kv_batch + g * a.kv_head;
-  const float* vbase = a.v + b * a.kv_batch + g * a.kv_head;
-  // Every column the score and value loops touch (kChunks * kFlashParts of them, up to 128) is
-  // written each tile, zeros past Dh: with Dh = 72 (SigLIP) the loops run to column 95, and
-  // uninitialised shared memory there (0 * NaN) made whole rows NaN.
-  const int width = kChunks * kFlashParts;
-
-  for (int64_t j0 = key_begin; j0 < key_end; j0 += kFlashKeys) {
-    __syncthreads();
-    for (int i = tid; i < kFlashKeys * width; i += blockDim.x) {
-      const int jj = i / width, d = i % width;
-      const int64_t j = j0 + jj;
-      const bool in = j < key_end && d < Dh;
-      ks[jj][d] = in ? kbase[j * a.kv_row + d] : 0.0f;
-      vs[jj][d] = in ? vbase[j * a.kv_row + d] : 0.0f;
-    }
-    __syncthreads();
-    float s[kFlashKeys];
-    float tile_max = -INFINITY;
-#pragma unroll
-    for (int jj = 0; jj < kFlashKeys; ++jj) {
-      float partial = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kChunks; ++i) partial += q[i] * ks[jj][part + kFlashParts * i];
-      partial += __shfl_xor_sync(0xffffffffu, partial, 1);
-      partial += __shfl_xor_sync(0xffffffffu, partial, 2);
-      partial += __shfl_xor_sync(0xffffffffu, partial, 4);
-      const int64_t j = j0 + jj;
-      bool visible = j < key_end;
-      if (a.causal) visible = visible && j <= pos && (a.window <= 0 || j > pos - a.window);
-      s[jj] = visible ? partial : -INFINITY;
-      tile_max = fmaxf(tile_max, s[jj]);
-    }
-    const float m_new = fmaxf(m, tile_max);
-    if (m_new == -INFINITY) continue;  // nothing visible yet for this row
-    const float correction = exp2f(m - m_new);
-    l *= correction;
-#pragma unroll
-    for (int i = 0; i < kChunks; ++i) acc[i] *= correction;
-#pragma unroll
-    for (int jj = 0; jj < kFlashKeys; ++jj) {
-      const float p = exp2f(s[jj] - m_new);
-      l += p;
-#pragma unroll
-      for (int i = 0; i < kChunks; ++i) acc[i] += p * vs[jj][part + kFlashParts * i];
-    }
-    m = m_new;
-  }
-  if (!valid_row) return;
-  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-  float* orow = a.out + b * a.out_batch + row * a.out_row + h * Dh;
-#pragma unroll
-  for (int i = 0; i < kChunks; ++i) {
-    const int d = part + kFlashParts * i;
-    if (i < chunks && d < Dh) orow[d] = acc[i] * inv;
-  }
-}
-
-// The same attention, register-tiled (prefill and the vision towers; profiles of the kernel
-// above: 45% of vision + prefill GPU time, most of it shuffles and shared-memory traffic per
-// key). A block of 256 threads takes 16 * kRows query rows of one head; keys and values stream
-// through shared memory 64 at a time. Thread (ty, tx) of a 16 x 16 grid computes a kRows x 4
-// tile of scores (rows kRows ty.., keys 4 tx..) from transposed Q and K tiles, keeps the online
-// softmax of its rows (max and sum across the 16 threads of a row group by warp shuffles), and
+// Flash-style attention for many query rows (prefill and the vision towers), float32 on the
+// CUDA cores, register-tiled: a block of 256 threads takes 16 * kRows query rows of one head;
+// keys and values stream through shared memory 64 at a time with an online softmax, so no
+// score matrix is ever written. Thread (ty, tx) of a 16 x 16 grid computes a kRows x 4 tile of
+// scores (rows kRows ty.., keys 4 tx..) from transposed Q and K tiles, keeps the online softmax
+// of its rows (max and sum across the 16 threads of a row group by warp shuffles), and
 // accumulates its rows x every 16th column of the output. kRows = 2 doubles the blocks of short
-// sequences (the towers: 16 heads, 257 rows). Float32 throughout: the same arithmetic as above
-// in another order.
+// sequences (the towers: 16 heads, 257 rows). It replaced a kernel with eight threads per query
+// row and shuffles per key (20.1 -> 14.6 ms of GPU time over one vision encode + prefill pair
+// on an H100, bench/GPU_NOTES.md).
 constexpr int kTileKeys = 64;
 constexpr int kKeyPad = kTileKeys + 4;        // row stride of the transposed key tile (floats)
 constexpr int kTileCols = kFlashMaxDh / 16;  // output columns per thread, at most
@@ -799,25 +704,15 @@ void launch_attention(const AttnArgs& a, int64_t B, int64_t key_capacity = 0) {
     // blocks: the towers' 16 heads, a single prefill).
     const int64_t blocks64 = (a.Lq + 63) / 64 * a.Hq * B;
     const bool wide = blocks64 >= 2 * int64_t(properties().multiProcessorCount);
-    const size_t smem = wide ? AttentionTile<4>::smem(a.Dh) : AttentionTile<2>::smem(a.Dh);
-    if (wide && smem <= tiled_attention_limit<4>()) {
+    if (wide && AttentionTile<4>::smem(a.Dh) <= tiled_attention_limit<4>()) {
       const dim3 grid(unsigned((a.Lq + 63) / 64), unsigned(a.Hq), unsigned(B));
-      flash_attention_tiled_kernel<4><<<grid, 256, smem, stream()>>>(a);
-    } else if (!wide && smem <= tiled_attention_limit<2>()) {
+      flash_attention_tiled_kernel<4><<<grid, 256, AttentionTile<4>::smem(a.Dh), stream()>>>(a);
+    } else if (AttentionTile<2>::smem(a.Dh) <= tiled_attention_limit<2>()) {
       const dim3 grid(unsigned((a.Lq + 31) / 32), unsigned(a.Hq), unsigned(B));
-      flash_attention_tiled_kernel<2><<<grid, 256, smem, stream()>>>(a);
+      flash_attention_tiled_kernel<2><<<grid, 256, AttentionTile<2>::smem(a.Dh), stream()>>>(a);
     } else {
-      const dim3 grid(unsigned((a.Lq + kFlashRows - 1) / kFlashRows), unsigned(a.Hq), unsigned(B));
-      const int64_t chunks = (a.Dh + kFlashParts - 1) / kFlashParts;
-      if (chunks <= 4) {
-        flash_attention_kernel<4><<<grid, 128, 0, stream()>>>(a);
-      } else if (chunks <= 8) {
-        flash_attention_kernel<8><<<grid, 128, 0, stream()>>>(a);
-      } else if (chunks <= 12) {
-        flash_attention_kernel<12><<<grid, 128, 0, stream()>>>(a);
-      } else {
-        flash_attention_kernel<16><<<grid, 128, 0, stream()>>>(a);
-      }
+      throw_error(ErrorKind::Compute, "attention: head dim " + std::to_string(a.Dh) +
+                                          " needs more shared memory than this GPU has");
     }
   }
   MOXIN_LAUNCH_CHECK();
