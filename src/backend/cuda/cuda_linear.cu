@@ -433,16 +433,17 @@ GemmPlan* find_plan(int64_t M, int64_t N, int64_t K, cudaDataType type, bool bia
                                       std::to_string(N) + "x" + std::to_string(K) + " product");
 }
 
-// w [N, K] and x [M, K] of `type`, y [M, N] f32.
+// w [N, K] and x [M, K] of `type`, y [M, N] f32: y = x W^T + bias, or y += x W^T + bias when
+// `accumulate` (cuBLASLt reads y as C with beta = 1: no temporary, no separate add).
 void gemm(const void* w, const void* x, cudaDataType type, int64_t M, int64_t N, int64_t K,
-          const float* bias, float* y) {
+          const float* bias, float* y, bool accumulate = false) {
   GemmPlan* plan = find_plan(M, N, K, type, bias != nullptr);
   if (plan->fused_bias)
     MOXIN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(
         plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
   size_t workspace_bytes = 0;
   void* workspace = cublaslt_workspace(&workspace_bytes);
-  const float alpha = 1.0f, beta = 0.0f;
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   MOXIN_CUBLAS_CHECK(cublasLtMatmul(cublaslt(), plan->desc, &alpha, w, plan->a, x, plan->b, &beta,
                                     y, plan->c, y, plan->c, &plan->algo, workspace,
                                     workspace_bytes, stream()));
@@ -842,9 +843,6 @@ constexpr int kFixedWarps = 16;
 constexpr int kFixedStages = 3;     // steps per warp in flight or being computed
 constexpr int kFixedMaxSlots = 4;   // kUnroll * rows per warp, the most any variant uses
 
-// Chunks of 16 bytes of codes per row: 32 weights at 4 bits, 16 at 8 (never across a group).
-int64_t fixed_chunks(int64_t K, int bits) { return K * bits / 128; }
-
 // Shared memory in 16-byte words: per chunk {dx, sum x} and the fixed-point activations; then
 // per warp a staging ring of kFixedStages steps, each kSlots chunks and their parameter words
 // (8 bytes) per lane.
@@ -867,9 +865,6 @@ bool fixed_point_fits(int bits, int group_size, int64_t K, const void* scales, c
              size_t(properties().sharedMemPerBlockOptin);  // 1 KB: the kernel's static share
 }
 
-__device__ __forceinline__ const void* param_row(const void* base, DType dtype, int64_t offset) {
-  return static_cast<const char*>(base) + offset * (dtype == DType::F32 ? 4 : 2);
-}
 
 // acc + the dot of four signed (hi) or unsigned (lo) activation bytes with four code bytes.
 __device__ __forceinline__ int dp4a_hi(uint32_t x_bytes, uint32_t codes, int acc) {
@@ -1408,7 +1403,7 @@ Tensor dequantized_bf16(const QuantizedTensor& q) {
 }
 
 // y = x W^T + bias, or y += x W^T + bias when `accumulate` (y then already has the output
-// shape): decode products add into y in their epilogue, larger ones through a temporary.
+// shape): decode products add into y in their epilogue, cuBLASLt ones with beta = 1.
 void linear_into(const Tensor& x, const Linear& layer, Tensor& y, bool accumulate) {
   if (!x.defined() || x.dtype() != DType::F32 || x.device() != Device::CUDA)
     throw_error(ErrorKind::Compute, "linear: activations must be float32 on the GPU");
@@ -1443,13 +1438,6 @@ void linear_into(const Tensor& x, const Linear& layer, Tensor& y, bool accumulat
   const float* xp = x.data<float>();
   float* yp = y.data_mut<float>();
   const float* residual = accumulate ? yp : nullptr;  // the GEMV epilogues add it
-  // The cuBLASLt paths write a fresh product, which accumulation then adds.
-  Tensor product;
-  auto gemm_out = [&]() -> float* {
-    if (!accumulate) return yp;
-    product = Tensor::empty(out_shape, DType::F32, Device::CUDA);
-    return product.data_mut<float>();
-  };
 
   if (q) {
     if (q->scales.device() != Device::CUDA || q->biases.device() != Device::CUDA)
@@ -1475,8 +1463,7 @@ void linear_into(const Tensor& x, const Linear& layer, Tensor& y, bool accumulat
       throw_error(ErrorKind::Compute, "linear: this quantized layer cannot run in a decode graph");
     const Tensor dense = dequantized_bf16(*q);
     const Tensor xb = narrowed<__nv_bfloat16>(x, DType::BF16);
-    gemm(dense.raw(), xb.raw(), CUDA_R_16BF, M, N, K, bias, gemm_out());
-    if (accumulate) add_inplace(y, product);
+    gemm(dense.raw(), xb.raw(), CUDA_R_16BF, M, N, K, bias, yp, accumulate);
     return;
   }
 
@@ -1491,15 +1478,14 @@ void linear_into(const Tensor& x, const Linear& layer, Tensor& y, bool accumulat
   if (capturing())
     throw_error(ErrorKind::Compute, "linear: a decode graph records one token at a time");
   if (wt == DType::F32) {
-    gemm(layer.weight.raw(), xp, CUDA_R_32F, M, N, K, bias, gemm_out());
+    gemm(layer.weight.raw(), xp, CUDA_R_32F, M, N, K, bias, yp, accumulate);
   } else if (wt == DType::BF16) {
     const Tensor xb = narrowed<__nv_bfloat16>(x, DType::BF16);
-    gemm(layer.weight.raw(), xb.raw(), CUDA_R_16BF, M, N, K, bias, gemm_out());
+    gemm(layer.weight.raw(), xb.raw(), CUDA_R_16BF, M, N, K, bias, yp, accumulate);
   } else {
     const Tensor xh = narrowed<__half>(x, DType::F16);
-    gemm(layer.weight.raw(), xh.raw(), CUDA_R_16F, M, N, K, bias, gemm_out());
+    gemm(layer.weight.raw(), xh.raw(), CUDA_R_16F, M, N, K, bias, yp, accumulate);
   }
-  if (accumulate) add_inplace(y, product);
 }
 
 }  // namespace
