@@ -319,7 +319,7 @@ constexpr int kFlashMaxDh = 128;  // head dims up to this
 // of its rows (max and sum across the 16 threads of a row group by warp shuffles), and
 // accumulates its rows x every 16th column of the output. kRows = 2 doubles the blocks of short
 // sequences (the towers: 16 heads, 257 rows). It replaced a kernel with eight threads per query
-// row and shuffles per key (20.1 -> 14.6 ms of GPU time over one vision encode + prefill pair
+// row and shuffles per key (20.0 -> 14.6 ms of GPU time over one vision encode + prefill pair
 // on an H100, bench/GPU_NOTES.md).
 constexpr int kTileKeys = 64;
 constexpr int kKeyPad = kTileKeys + 4;        // row stride of the transposed key tile (floats)
