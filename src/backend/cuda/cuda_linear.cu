@@ -850,7 +850,8 @@ __host__ __device__ inline int64_t fixed_activation_words(int64_t K, int bits) {
   return (K * bits / 128 * 8 + 15) / 16 + K * 2 / 16;
 }
 size_t fixed_smem_bytes(int64_t K, int bits, int slots) {
-  return size_t(fixed_activation_words(K, bits) + int64_t(kFixedWarps) * kFixedStages * slots * 32 * 3 / 2) * 16;
+  const int64_t ring = int64_t(kFixedWarps) * kFixedStages * slots * 32 * 3 / 2;
+  return size_t(fixed_activation_words(K, bits) + ring) * 16;
 }
 
 // Whether the fixed-point kernel takes this product: 4/8-bit, MLX group sizes, an even number
@@ -864,7 +865,6 @@ bool fixed_point_fits(int bits, int group_size, int64_t K, const void* scales, c
          fixed_smem_bytes(K, bits, kFixedMaxSlots) + 1024 <=
              size_t(properties().sharedMemPerBlockOptin);  // 1 KB: the kernel's static share
 }
-
 
 // acc + the dot of four signed (hi) or unsigned (lo) activation bytes with four code bytes.
 __device__ __forceinline__ int dp4a_hi(uint32_t x_bytes, uint32_t codes, int acc) {
@@ -947,10 +947,13 @@ __device__ __forceinline__ float convert_activations(const float* __restrict__ x
     }
     FixedWord<kBits> word;
     if constexpr (kBits == 4) {
-      word = make_uint4(pack_bytes(hi[0], hi[2], hi[4], hi[6]), pack_bytes(hi[1], hi[3], hi[5], hi[7]),
-                        pack_bytes(lo[0], lo[2], lo[4], lo[6]), pack_bytes(lo[1], lo[3], lo[5], lo[7]));
+      word = make_uint4(pack_bytes(hi[0], hi[2], hi[4], hi[6]),
+                        pack_bytes(hi[1], hi[3], hi[5], hi[7]),
+                        pack_bytes(lo[0], lo[2], lo[4], lo[6]),
+                        pack_bytes(lo[1], lo[3], lo[5], lo[7]));
     } else {
-      word = make_uint2(pack_bytes(hi[0], hi[1], hi[2], hi[3]), pack_bytes(lo[0], lo[1], lo[2], lo[3]));
+      word = make_uint2(pack_bytes(hi[0], hi[1], hi[2], hi[3]),
+                        pack_bytes(lo[0], lo[1], lo[2], lo[3]));
     }
     xq[(w % 4) * chunks + w / 4] = word;
     if (w % 4 == 0)
