@@ -10,7 +10,8 @@
 #        pdl: tests, decode with and without PDL in the graph, prefill kernel times;
 #        quick: tests, decode at every format with the tuner's log, 4-bit with the float
 #        kernels as the same-run baseline, decode counters and the kernel times of vision +
-#        prefill; ttft: tests, the bf16 bench and the kernel times of vision + prefill)
+#        prefill; ttft: tests, the bf16 bench and the kernel times of vision + prefill;
+#        attn: Nsight Compute counters of the prefill attention kernel, no tests)
 set -uo pipefail
 what="${1:-all}"
 build="${2:-build-cuda2}"
@@ -86,6 +87,19 @@ if [[ $what != tests ]]; then
       "$dist/moxin-vlm" bench --model /tmp/moxin-full --device cuda --prompt-tokens 24 \
       --decode-tokens 1 >"$out/ncu_prefill.txt" 2>&1
     echo "ncu rc=$?"
+    pack
+    exit 0
+  fi
+  if [[ $what == attn ]]; then
+    # Nsight Compute counters of the prefill attention kernel (decoder and tower calls).
+    timeout 300 ncu --kernel-name regex:flash_attention --launch-skip 60 --launch-count 6 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+      --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+      --section SourceCounters "$dist/moxin-vlm" bench --model /tmp/moxin-full --device cuda \
+      --prompt-tokens 24 --decode-tokens 2 >"$out/ncu_attention.txt" 2>&1
+    echo "ncu rc=$?"
+    grep -E "flash_attention|Duration|Throughput|Issue Slots|Occupancy|Registers Per|Warp Cycles|stall|Stall|Bank|bank|Shared" \
+      "$out/ncu_attention.txt" | head -120
     pack
     exit 0
   fi

@@ -366,13 +366,14 @@ __global__ void __launch_bounds__(256) flash_attention_tiled_kernel(AttnArgs a) 
   const int64_t Lk = a.q_starts ? q_offset + a.Lq : a.Lk + shift;
   const float kLog2e = 1.4426950408889634f;
 
+  // Tile fills: warp w takes rows w, w + 8, ..., its lanes consecutive elements of the head
+  // (coalesced reads, no division by Dh).
+  const int lane = tid % 32, warp = tid / 32;
   const float* qbase = a.q + b * a.q_batch + h * Dh;
-  // The tile fills are unrolled so that each thread keeps several global loads in flight.
-#pragma unroll 8
-  for (int i = tid; i < kBlockRows * Dh; i += blockDim.x) {
-    const int r = i / Dh, d = i % Dh;
+  for (int r = warp; r < kBlockRows; r += 8) {
     const int64_t row = row0 + r;
-    qt[d * kRowPad + r] = row < a.Lq ? qbase[row * a.q_row + d] * a.scale * kLog2e : 0.0f;
+    for (int d = lane; d < Dh; d += 32)
+      qt[d * kRowPad + r] = row < a.Lq ? qbase[row * a.q_row + d] * a.scale * kLog2e : 0.0f;
   }
   int64_t key_begin = 0, key_end = Lk;
   if (a.causal) {
@@ -393,13 +394,13 @@ __global__ void __launch_bounds__(256) flash_attention_tiled_kernel(AttnArgs a) 
   }
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kTileKeys) {
     __syncthreads();  // the previous tile's keys, values and probabilities are consumed
-#pragma unroll 8
-    for (int i = tid; i < kTileKeys * Dh; i += blockDim.x) {
-      const int kk = i / Dh, d = i % Dh;
+    for (int kk = warp; kk < kTileKeys; kk += 8) {
       const int64_t j = j0 + kk;
       const bool in = j < key_end;
-      kt[d * kKeyPad + kk] = in ? kbase[j * a.kv_row + d] : 0.0f;
-      vs[kk * Dh + d] = in ? vbase[j * a.kv_row + d] : 0.0f;
+      for (int d = lane; d < Dh; d += 32) {
+        kt[d * kKeyPad + kk] = in ? kbase[j * a.kv_row + d] : 0.0f;
+        vs[kk * Dh + d] = in ? vbase[j * a.kv_row + d] : 0.0f;
+      }
     }
     __syncthreads();
     float s[kRows][4];
@@ -459,7 +460,8 @@ __global__ void __launch_bounds__(256) flash_attention_tiled_kernel(AttnArgs a) 
 #pragma unroll
       for (int c = 0; c < kTileCols; ++c) {
         const int col = tx + 16 * c;
-        const float v = col < Dh ? vrow[col] : 0.0f;
+        if (col >= Dh) continue;  // columns past the head (Dh = 64: half of them)
+        const float v = vrow[col];
 #pragma unroll
         for (int i = 0; i < kRows; ++i) acc[i][c] = fmaf(pa[i], v, acc[i][c]);
       }
