@@ -1007,7 +1007,7 @@ __device__ __forceinline__ void copy_async_wait() {
 
 // A scale or bias from the aligned 4-byte word holding it (cp.async copies 4 bytes at least):
 // 16-bit types sit in the low or high half by the parity of their index.
-__device__ __forceinline__ float param_from_word(uint32_t word, DType dtype, int64_t index) {
+__device__ __forceinline__ float param_from_word(uint32_t word, DType dtype, int index) {
   if (dtype == DType::F32) return __uint_as_float(word);
   const uint32_t bits = (index & 1) ? word >> 16 : word & 0xffffu;
   if (dtype == DType::BF16) return __uint_as_float(bits << 16);
@@ -1128,13 +1128,14 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
 #pragma unroll
       for (int j = 0; j < 4; ++j) xw[j] = xq[j * chunks + c];
       const float2 cp = chunk_params[c];
+      // Rows hold an even number of groups, so a parameter's half of its word follows the
+      // group's parity alone.
+      const int group = c * kPerChunk / segs.group_size;
 #pragma unroll
       for (int i = 0; i < RT; ++i) {
         const int slot = (u * RT + i) * 32 + lane;
-        const int64_t n = tl.n0 + i % R < segs.seg[tl.si].N ? tl.n0 + i % R : segs.seg[tl.si].N - 1;
-        const int64_t e = n * groups + c * kPerChunk / segs.group_size;
-        const float sc = param_from_word(params[2 * slot], segs.param_dtype, e);
-        const float bi = param_from_word(params[2 * slot + 1], segs.param_dtype, e);
+        const float sc = param_from_word(params[2 * slot], segs.param_dtype, group);
+        const float bi = param_from_word(params[2 * slot + 1], segs.param_dtype, group);
         acc[i] += sc * cp.x * float(chunk_dot_fixed<kBits>(codes[slot], xw)) + bi * cp.y;
       }
     }
