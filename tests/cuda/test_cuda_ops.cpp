@@ -40,6 +40,15 @@ void expect_close(const Tensor& actual_gpu, const Tensor& expected, double tol,
   EXPECT_LE(d.max_rel, tol) << what << ": " << d.to_string();
 }
 
+// A quantized layer with its codes, scales, biases (and bias, when given) on the GPU.
+Linear gpu_quantized(const QuantizedTensor& q, const Tensor& bias = Tensor()) {
+  auto on_gpu = std::make_shared<QuantizedTensor>(q);
+  on_gpu->weight = gpu(q.weight);
+  on_gpu->scales = gpu(q.scales);
+  on_gpu->biases = gpu(q.biases);
+  return Linear{Tensor(), gpu(bias), on_gpu};
+}
+
 TEST(CudaRuntime, CopiesRoundTripAndZeros) {
   MOXIN_SKIP_WITHOUT_GPU();
   const Tensor host = random_tensor({33, 31}, 1);
@@ -98,11 +107,7 @@ TEST(CudaOps, QuantizedLinearMatchesDequantizedReference) {
     const Tensor w = random_tensor({c.N, c.K}, ++seed, 0.05f).to(DType::BF16);
     const QuantizedTensor q = quantize(w, c.group, c.bits);
     Linear reference{dequantize(q), random_tensor({c.N}, ++seed), nullptr};
-    auto qg = std::make_shared<QuantizedTensor>(q);
-    qg->weight = gpu(q.weight);
-    qg->scales = gpu(q.scales);
-    qg->biases = gpu(q.biases);
-    Linear layer{Tensor(), gpu(reference.bias), qg};
+    const Linear layer = gpu_quantized(q, reference.bias);
     const Tensor x = random_tensor({c.M, c.K}, ++seed);
     const bool gemv = c.M <= 8 && (c.bits == 4 || c.bits == 8);
     const double tol = !gemv ? 1e-2 : c.M == 1 ? kFixedPointTol : 1e-4;
@@ -137,11 +142,7 @@ TEST(CudaOps, EverySingleRowGemvVariantMatchesCpu) {
       } else {
         const QuantizedTensor q = quantize(w, 64, c.bits);
         reference = Linear{dequantize(q), bias, nullptr};
-        auto qg = std::make_shared<QuantizedTensor>(q);
-        qg->weight = gpu(q.weight);
-        qg->scales = gpu(q.scales);
-        qg->biases = gpu(q.biases);
-        layer = Linear{Tensor(), gpu(bias), qg};
+        layer = gpu_quantized(q, bias);
       }
       expect_close(ops::linear(gpu(x), layer), ops::linear(x, reference),
                    c.bits ? kFixedPointTol : 1e-5,
@@ -167,11 +168,7 @@ TEST(CudaOps, FusedSameInputProductsMatchCpu) {
     } else {
       const QuantizedTensor q = quantize(w, 64, bits);
       *cpu_layer = Linear{dequantize(q), b, nullptr};
-      auto qg = std::make_shared<QuantizedTensor>(q);
-      qg->weight = gpu(q.weight);
-      qg->scales = gpu(q.scales);
-      qg->biases = gpu(q.biases);
-      *gpu_layer = Linear{Tensor(), gpu(b), qg};
+      *gpu_layer = gpu_quantized(q, b);
     }
   };
   for (int variant = 0; variant < 4; ++variant) {  // fixed point: 4 (3 gated), float: 3
@@ -226,11 +223,7 @@ TEST(CudaOps, WideQuantizedFusedProductsMatchCpu) {
     const Tensor b = random_tensor({N}, ++seed);
     const QuantizedTensor q = quantize(w, 64, bits);
     *cpu_layer = Linear{dequantize(q), b, nullptr};
-    auto qg = std::make_shared<QuantizedTensor>(q);
-    qg->weight = gpu(q.weight);
-    qg->scales = gpu(q.scales);
-    qg->biases = gpu(q.biases);
-    *gpu_layer = Linear{Tensor(), gpu(b), qg};
+    *gpu_layer = gpu_quantized(q, b);
   };
   for (int bits : {4, 8}) {
     Linear c[3], g[3];
@@ -297,11 +290,7 @@ TEST(CudaOps, FixedPointProductsStayWithinTheirBound) {
                                  std::to_string(bits) + " group " + std::to_string(group);
         const Tensor wt = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
         const QuantizedTensor q = quantize(wt, group, bits);
-        auto qg = std::make_shared<QuantizedTensor>(q);
-        qg->weight = gpu(q.weight);
-        qg->scales = gpu(q.scales);
-        qg->biases = gpu(q.biases);
-        const Linear layer{Tensor(), Tensor(), qg};
+        const Linear layer = gpu_quantized(q);
         std::vector<float> xv = random_tensor({K}, ++seed).to_vector();
         for (int64_t g = 0; g < K / group; ++g) xv[size_t(g * group + (g * 7) % group)] *= 100.0f;
         const Tensor x = Tensor::from_vector({1, K}, xv);
@@ -316,11 +305,7 @@ TEST(CudaOps, FixedPointProductsStayWithinTheirBound) {
   }
   cuda::set_gemv_variant_for_testing(-1);
   const Tensor wt = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
-  auto qg = std::make_shared<QuantizedTensor>(quantize(wt, 64, 4));
-  qg->weight = gpu(qg->weight);
-  qg->scales = gpu(qg->scales);
-  qg->biases = gpu(qg->biases);
-  const Linear layer{Tensor(), Tensor(), qg};
+  const Linear layer = gpu_quantized(quantize(wt, 64, 4));
   for (float bad : {NAN, INFINITY}) {
     std::vector<float> xv = random_tensor({K}, ++seed).to_vector();
     xv[100] = bad;
@@ -345,11 +330,7 @@ TEST(CudaOps, AccumulatingProductsMatchCpu) {
     } else {
       const QuantizedTensor q = quantize(w, 64, bits);
       reference = Linear{dequantize(q), b, nullptr};
-      auto qg = std::make_shared<QuantizedTensor>(q);
-      qg->weight = gpu(q.weight);
-      qg->scales = gpu(q.scales);
-      qg->biases = gpu(q.biases);
-      layer = Linear{Tensor(), gpu(b), qg};
+      layer = gpu_quantized(q, b);
     }
     const Tensor x = random_tensor({1, M, K}, ++seed);
     const Tensor y0 = random_tensor({1, M, N}, ++seed);
