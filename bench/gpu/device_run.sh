@@ -92,10 +92,12 @@ if [[ $what != tests ]]; then
   fi
   if [[ $what == attn ]]; then
     # Nsight Compute counters of the prefill attention kernel (decoder and tower calls).
-    timeout 300 ncu --kernel-name regex:flash_attention --launch-skip 60 --launch-count 6 \
+    # Launches 100-103 of the kernel: the warm-up forward's last two tower calls and its first
+    # two decoder calls.
+    timeout 300 ncu --kernel-name regex:flash_attention --launch-skip 100 --launch-count 4 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
       --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
-      --section SourceCounters "$dist/moxin-vlm" bench --model /tmp/moxin-full --device cuda \
+      --section SourceCounters --section InstructionStats "$dist/moxin-vlm" bench --model /tmp/moxin-full --device cuda \
       --prompt-tokens 24 --decode-tokens 2 >"$out/ncu_attention.txt" 2>&1
     echo "ncu rc=$?"
     grep -E "flash_attention|Duration|Throughput|Issue Slots|Occupancy|Registers Per|Warp Cycles|stall|Stall|Bank|bank|Shared" \
@@ -104,9 +106,14 @@ if [[ $what != tests ]]; then
     exit 0
   fi
   if [[ $what == ttft ]]; then
-    timeout 200 "$dist/moxin-vlm" bench --model /tmp/moxin-full --device cuda --prompt-tokens 24 \
-      --decode-tokens 64 >"$out/ttft_bf16.json" 2>"$out/ttft_bf16.err"
-    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('decode_tok_s','decode_fraction_of_roofline','ttft_ms','vision_ms','prefill_ms')})" "$out/ttft_bf16.json"
+    # The towers side by side (default), then one after the other, then side by side again.
+    for side in 1 0 1; do
+      MOXIN_CUDA_SIDE_STREAM=$side timeout 200 "$dist/moxin-vlm" bench --model /tmp/moxin-full \
+        --device cuda --prompt-tokens 24 --decode-tokens 64 >"$out/ttft_bf16_side$side.json" \
+        2>"$out/ttft_bf16.err"
+      echo "side stream $side:"
+      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('decode_tok_s','decode_fraction_of_roofline','ttft_ms','vision_ms','prefill_ms')})" "$out/ttft_bf16_side$side.json"
+    done
     bench/gpu/profile_prefill.sh "$dist/moxin-vlm" /tmp/moxin-full "$out/prefill_kernels.txt" 16
     pack
     exit 0

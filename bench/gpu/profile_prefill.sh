@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Where the time to first token goes, on the GPU machine (which has Nsight Compute but no Nsight
 # Systems): GPU time of every kernel of about one vision encode + prefill of the bench, after
-# its warm-up iteration, summed per kernel name, largest first.
+# its warm-up iteration, summed per kernel name, largest first. Clocks and caches as the
+# application leaves them (not locked, not flushed), so times are close to a normal run's;
+# the kernels still run one at a time.
 # Usage: bench/gpu/profile_prefill.sh MOXIN_VLM_BINARY CHECKPOINT_DIR OUT_FILE [BITS]
 set -uo pipefail
 bin="$1"
@@ -11,6 +13,7 @@ bits="${4:-16}"
 quant=()
 [[ $bits != 16 ]] && quant=(--quantize "$bits" --group-size 64)
 timeout 400 ncu --metrics gpu__time_duration.sum --launch-skip 3000 --launch-count 2200 \
+  --cache-control none --clock-control none \
   --csv --page raw "$bin" bench --model "$ckpt" --device cuda --prompt-tokens 24 \
   --decode-tokens 2 "${quant[@]}" >"$out.csv" 2>"$out.err"
 echo "ncu rc=$?"

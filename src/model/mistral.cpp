@@ -42,9 +42,8 @@ Tensor decoder_layer_forward(const DecoderLayer& layer, const Tensor& x_in, KeyV
   }
   ops::linear_accumulate(x, attn, layer.self_attn.o_proj);
 
-  Tensor gated = ops::swiglu_linear(x, layer.mlp.gate_proj, layer.mlp.up_proj,
-                                    &layer.post_attention_layernorm);
-  ops::linear_accumulate(x, gated, layer.mlp.down_proj);
+  ops::swiglu_mlp_accumulate(x, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj,
+                             &layer.post_attention_layernorm);
   return x;
 }
 
@@ -65,8 +64,11 @@ Tensor MoxinVLM::encode_image(const Tensor& dino_image, const Tensor& siglip_ima
                 "same B, got " +
                     shape_to_string(dino_image.shape()) + " and " +
                     shape_to_string(siglip_image.shape()));
-  Tensor a = dino.forward(dino_image.to_device(device()));      // [B, N, Dd]
-  Tensor b = siglip.forward(siglip_image.to_device(device()));  // [B, N, Ds]
+  // The towers are independent and neither fills a GPU alone: they run side by side there.
+  Tensor a, b;
+  ops::run_concurrently(
+      device(), [&] { a = dino.forward(dino_image.to_device(device())); },  // [B, N, Dd]
+      [&] { b = siglip.forward(siglip_image.to_device(device())); });       // [B, N, Ds]
   if (b.dim(1) != a.dim(1))
     throw_error(ErrorKind::Compute, "towers disagree on the number of patches");
   return projector.forward(ops::concat({a, b}, 2));  // [B, N, Dd + Ds] -> [B, N, hidden]

@@ -7,10 +7,8 @@ namespace moxin {
 
 Tensor FusedMLPProjector::forward(const Tensor& features) const {
   Tensor x = ops::linear(features, fc1);
-  ops::gelu_inplace(x);
-  x = ops::linear(x, fc2);
-  ops::gelu_inplace(x);
-  return ops::linear(x, fc3);
+  x = ops::gelu_linear(x, fc2);
+  return ops::gelu_linear(x, fc3);
 }
 
 FusedMLPProjector load_projector(const WeightMap& weights, const std::string& prefix) {

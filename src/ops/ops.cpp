@@ -13,6 +13,7 @@
 
 #if MOXIN_WITH_CUDA
 #include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/cuda_runtime.h"
 // Tensors on the GPU go to the CUDA backend; everything below this line is the CPU path.
 #define DISPATCH_CUDA(tensor, call) \
   if ((tensor).device() == Device::CUDA) return cuda::call
@@ -71,6 +72,23 @@ std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const L
   out.reserve(layers.size());
   for (const Linear* layer : layers) out.push_back(linear(h, *layer));
   return out;
+}
+
+void swiglu_mlp_accumulate(Tensor& x, const Linear& gate, const Linear& up, const Linear& down,
+                           const RMSNorm* norm) {
+  DISPATCH_CUDA(x, swiglu_mlp_accumulate(x, gate, up, down, norm));
+  linear_accumulate(x, swiglu_linear(x, gate, up, norm), down);
+}
+
+Tensor layer_norm_linear(const Tensor& x, const LayerNorm& norm, const Linear& layer) {
+  DISPATCH_CUDA(x, layer_norm_linear(x, norm, layer));
+  return linear(layer_norm(x, norm), layer);
+}
+
+Tensor gelu_linear(Tensor& x, const Linear& layer) {
+  DISPATCH_CUDA(x, gelu_linear(x, layer));
+  gelu_inplace(x);
+  return linear(x, layer);
 }
 
 Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up, const RMSNorm* norm) {
@@ -491,6 +509,16 @@ void rope_write_pair(Tensor& queries, Tensor& keys, const Tensor& new_keys, Tens
       {new_keys.dim(0), 1, new_keys.dim(1), new_keys.dim(3)});
   rope_inplace_pair(queries, rotated, at, theta);
   write_positions_pair(keys, rotated.reshape(new_keys.shape()), values, new_values, at);
+}
+
+void run_concurrently(Device device, const std::function<void()>& first,
+                      const std::function<void()>& second) {
+#if MOXIN_WITH_CUDA
+  if (device == Device::CUDA) return cuda::run_concurrently(first, second);
+#endif
+  (void)device;
+  first();
+  second();
 }
 
 }  // namespace moxin::ops

@@ -6,6 +6,7 @@
 #include "moxin/model.h"
 #include "moxin/tensor.h"
 
+#include <functional>
 #include <vector>
 
 namespace moxin::ops {
@@ -24,6 +25,16 @@ std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const L
 // product on a GPU decode step).
 Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up,
                      const RMSNorm* norm = nullptr);
+// A whole SwiGLU MLP with its residual: x += linear(swiglu_linear(x, gate, up, norm), down).
+// On a GPU prefill, SiLU(gate) * up is written in bf16 for the down product by its own kernel.
+void swiglu_mlp_accumulate(Tensor& x, const Linear& gate, const Linear& up, const Linear& down,
+                           const RMSNorm* norm = nullptr);
+// linear(layer_norm(x, norm), layer) (a tower's qkv and fc1 products): on a GPU the norm writes
+// the product's bf16 input itself.
+Tensor layer_norm_linear(const Tensor& x, const LayerNorm& norm, const Linear& layer);
+// linear(gelu(x), layer), x consumed: its contents afterwards are unspecified (the CPU applies
+// the GELU in place; a GPU writes the product's bf16 input instead).
+Tensor gelu_linear(Tensor& x, const Linear& layer);
 Tensor layer_norm(const Tensor& x, const LayerNorm& norm);
 Tensor rms_norm(const Tensor& x, const RMSNorm& norm);
 void gelu_inplace(Tensor& x);                           // exact (erf) GELU
@@ -82,5 +93,10 @@ Tensor repeat_batch(const Tensor& x, int64_t batch);  // [1, ...] -> [batch, ...
 Tensor patchify(const Tensor& images, int64_t patch);
 // Widens a small float tensor (norm weights, biases, embeddings of prefix tokens) to float32.
 Tensor to_f32(const Tensor& t);
+
+// Two independent pieces of work on `device`: on a GPU they overlap (two streams; what either
+// produces is ready for the work after the call), elsewhere they run in turn.
+void run_concurrently(Device device, const std::function<void()>& first,
+                      const std::function<void()>& second);
 
 }  // namespace moxin::ops

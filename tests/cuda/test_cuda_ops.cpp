@@ -354,10 +354,54 @@ TEST(CudaOps, AccumulatingProductsMatchCpu) {
 }
 #endif
 
+// Ops whose producer writes the next product's bf16 input itself (many rows) or falls back to
+// the separate ops (few rows: the float32 decode kernels), against the CPU's composition.
+TEST(CudaOps, ProducersWritingBf16InputsMatchCpu) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  uint32_t seed = 900;
+  auto layers = [&](int64_t N, int64_t K, int bits, Linear& reference, Linear& layer) {
+    const Tensor w = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
+    const Tensor b = random_tensor({N}, ++seed);
+    if (bits == 0) {
+      reference = Linear{w, b, nullptr};
+      layer = Linear{gpu(w), gpu(b), nullptr};
+    } else {
+      const QuantizedTensor q = quantize(w, 64, bits);
+      reference = Linear{dequantize(q), b, nullptr};
+      layer = gpu_quantized(q, b);
+    }
+  };
+  for (int bits : {0, 4})
+    for (int64_t M : {3, 17, 261}) {
+      const std::string what = "bits " + std::to_string(bits) + " M " + std::to_string(M);
+      const double tol = M <= 8 ? 1e-4 : 1e-2;  // float32 decode kernels, or bf16 rows
+      Linear ref1, gpu1, ref2, gpu2, ref3, gpu3;
+      layers(1152, 1088, bits, ref1, gpu1);
+      const Tensor x = random_tensor({1, M, 1088}, ++seed, 2.0f);
+      LayerNorm ln{random_tensor({1088}, ++seed), random_tensor({1088}, ++seed), 1e-6f};
+      expect_close(ops::layer_norm_linear(gpu(x), LayerNorm{gpu(ln.weight), gpu(ln.bias), ln.eps},
+                                          gpu1),
+                   ops::layer_norm_linear(x, ln, ref1), tol, "layer_norm_linear " + what);
+      Tensor h = x.clone(), hg = gpu(x);
+      expect_close(ops::gelu_linear(hg, gpu1), ops::gelu_linear(h, ref1), tol,
+                   "gelu_linear " + what);
+
+      layers(704, 1088, bits, ref1, gpu1);  // gate
+      layers(704, 1088, bits, ref2, gpu2);  // up
+      layers(1088, 704, bits, ref3, gpu3);  // down
+      const RMSNorm rms{random_tensor({1088}, ++seed), 1e-5f};
+      const RMSNorm rms_gpu{gpu(rms.weight), rms.eps};
+      Tensor expected = x.clone(), y = gpu(x);
+      ops::swiglu_mlp_accumulate(expected, ref1, ref2, ref3, &rms);
+      ops::swiglu_mlp_accumulate(y, gpu1, gpu2, gpu3, &rms_gpu);
+      expect_close(y, expected, tol, "swiglu_mlp_accumulate " + what);
+    }
+}
+
 TEST(CudaOps, NormsMatchCpu) {
   MOXIN_SKIP_WITHOUT_GPU();
   uint32_t seed = 200;
-  for (int64_t D : {31, 32, 33, 1024, 4304}) {
+  for (int64_t D : {31, 32, 33, 1024, 1152, 4096, 4304}) {  // 32..4096: the vectorised kernels
     for (int64_t rows : {1, 7, 261}) {
       const Tensor x = random_tensor({rows, D}, ++seed, 3.0f);
       RMSNorm rms{random_tensor({D}, ++seed), 1e-5f};
@@ -517,8 +561,8 @@ TEST(CudaOps, BidirectionalAttentionMatchesCpu) {
   MOXIN_SKIP_WITHOUT_GPU();
   struct Case { int64_t B, T, heads, Dh; };
   const Case cases[] = {{1, 1, 2, 64}, {2, 31, 2, 64}, {1, 33, 3, 72}, {1, 261, 16, 64},
-                        {1, 256, 16, 72}, {2, 32, 1, 128}, {1, 40, 4, 18},
-                        {5, 257, 16, 64}};  // enough blocks for four rows per thread
+                        {1, 256, 16, 72}, {2, 32, 1, 128}, {1, 40, 4, 18}, {1, 70, 3, 96},
+                        {5, 257, 16, 64}};  // enough blocks for four warps per block
   uint32_t seed = 300;
   for (const Case& c : cases) {
     const Tensor qkv = random_tensor({c.B, c.T, 3 * c.heads * c.Dh}, ++seed, 1.5f);
@@ -534,7 +578,7 @@ TEST(CudaOps, CausalAttentionMatchesCpuForPrefillAndDecode) {
       {1, 33, 0, 8, 2, 128, 40, 0},   {2, 31, 9, 4, 2, 16, 64, 0},  {1, 33, 40, 8, 8, 64, 80, 7},
       {1, 1, 299, 32, 8, 128, 512, 0}, {2, 1, 32, 4, 2, 16, 33, 0},  {1, 1, 300, 8, 2, 128, 320, 64},
       {1, 280, 0, 32, 8, 128, 300, 0}, {1, 1, 0, 4, 4, 72, 8, 0},
-      {3, 300, 0, 32, 8, 128, 320, 0},  // enough blocks for four rows per thread
+      {3, 300, 0, 32, 8, 128, 320, 0},  // enough blocks for four warps per block
       // decode split over many key blocks (flash-decoding), with a window and two sequences
       {2, 1, 700, 8, 4, 72, 1000, 100}, {1, 1, 63, 32, 8, 128, 1000, 0},
   };

@@ -182,6 +182,27 @@ TEST(Norms, LayerNormAndRmsNorm) {
   EXPECT_LE(max_rel_error(rms.data<float>(), ref_rms), 1e-6);
 }
 
+// The fused producer-product ops are, on the CPU, exactly the ops they stand for.
+TEST(FusedOps, EqualTheOpsTheyCombine) {
+  const Tensor x = random_tensor({2, 5, 48}, 31, 2.0f);
+  const Linear a{random_tensor({40, 48}, 32), random_tensor({40}, 33), nullptr};
+  const Linear gate{random_tensor({24, 48}, 34), Tensor(), nullptr};
+  const Linear up{random_tensor({24, 48}, 35), Tensor(), nullptr};
+  const Linear down{random_tensor({48, 24}, 36), random_tensor({48}, 37), nullptr};
+  const LayerNorm ln{random_tensor({48}, 38), random_tensor({48}, 39), 1e-6f};
+  const RMSNorm rms{random_tensor({48}, 40), 1e-5f};
+
+  EXPECT_EQ(ops::layer_norm_linear(x, ln, a).to_vector(),
+            ops::linear(ops::layer_norm(x, ln), a).to_vector());
+  Tensor h = x.clone(), g = x.clone();
+  ops::gelu_inplace(g);
+  EXPECT_EQ(ops::gelu_linear(h, a).to_vector(), ops::linear(g, a).to_vector());
+  Tensor y = x.clone(), expected = x.clone();
+  ops::swiglu_mlp_accumulate(y, gate, up, down, &rms);
+  ops::linear_accumulate(expected, ops::swiglu_linear(x, gate, up, &rms), down);
+  EXPECT_EQ(y.to_vector(), expected.to_vector());
+}
+
 TEST(Rope, RotateHalfAtPositions) {
   const int64_t B = 2, L = 3, H = 2, Dh = 8;
   const float theta = 10000.0f;

@@ -984,27 +984,6 @@ __device__ __forceinline__ int chunk_dot_fixed(const uint4& raw, const FixedWord
   return high * 256 + low;
 }
 
-// cp.async (Ampere and later): global -> shared copies that need no registers while in flight.
-__device__ __forceinline__ void copy_async16(void* smem, const void* global) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
-                   uint32_t(__cvta_generic_to_shared(smem))),
-               "l"(global)
-               : "memory");
-}
-__device__ __forceinline__ void copy_async4(void* smem, const void* global) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(
-                   uint32_t(__cvta_generic_to_shared(smem))),
-               "l"(global)
-               : "memory");
-}
-__device__ __forceinline__ void copy_async_commit() {
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void copy_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
-
 // A scale or bias from the aligned 4-byte word holding it (cp.async copies 4 bytes at least):
 // 16-bit types sit in the low or high half by the parity of their index.
 __device__ __forceinline__ float param_from_word(uint32_t word, DType dtype, int index) {
@@ -1561,6 +1540,30 @@ std::vector<Tensor> separate_products(const Tensor& x, const std::vector<const L
 }
 
 }  // namespace
+
+bool takes_bf16_rows(const Linear& layer, int64_t M, int64_t K) {
+  return bf16_products({&layer}, M, K);
+}
+
+void linear_from_bf16(const Tensor& xb, const Linear& layer, Tensor& y, bool accumulate) {
+  const int64_t K = xb.dim(-1), M = xb.numel() / K, N = layer.out_features();
+  if (xb.dtype() != DType::BF16 || xb.device() != Device::CUDA || !takes_bf16_rows(layer, M, K))
+    throw_error(ErrorKind::Compute, "linear: bf16 rows " + shape_to_string(xb.shape()) +
+                                        " do not suit this layer");
+  Shape shape = xb.shape();
+  shape.back() = N;
+  if (!accumulate) {
+    y = Tensor::empty(shape, DType::F32, Device::CUDA);
+  } else if (!y.defined() || y.dtype() != DType::F32 || y.device() != Device::CUDA ||
+             y.shape() != shape) {
+    throw_error(ErrorKind::Compute, "linear: cannot accumulate " + shape_to_string(shape) +
+                                        " into " + shape_to_string(y.shape()));
+  }
+  const Tensor dense = layer.quantized ? dequantized_bf16(*layer.quantized) : Tensor();
+  gemm(layer.quantized ? dense.raw() : layer.weight.raw(), xb.raw(), CUDA_R_16BF, M, N, K,
+       layer.bias.defined() ? layer.bias.data<float>() : nullptr, y.data_mut<float>(),
+       accumulate);
+}
 
 std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const Linear*>& layers,
                                       const RMSNorm* norm) {

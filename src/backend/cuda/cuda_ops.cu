@@ -4,6 +4,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdlib>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <string>
@@ -48,7 +49,74 @@ __device__ float block_sum(float v, float* scratch) {
   return v;
 }
 
-// Output float32, or bf16 rounded from the same float32 values (the input of bf16 products).
+// Norms write float32, or bf16 rounded from the same float32 values (the input of bf16
+// products, written by the norm itself rather than by a pass of its own).
+template <class T>
+__device__ __forceinline__ void store_out(T* y, int64_t i, float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    y[i] = v;
+  } else {
+    y[i] = __float2bfloat16(v);
+  }
+}
+
+// Four consecutive outputs at y + 4 * i4 (16-byte aligned for float, 8 for bf16).
+template <class T>
+__device__ __forceinline__ void store_out4(T* y, int64_t i4, float4 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    reinterpret_cast<float4*>(y)[i4] = v;
+  } else {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+    uint2 bits;
+    memcpy(&bits.x, &lo, 4);
+    memcpy(&bits.y, &hi, 4);
+    reinterpret_cast<uint2*>(y)[i4] = bits;
+  }
+}
+
+// Rows of up to kNormVecs float4 per thread (4096 floats at kThreads) are read once, with every
+// load in flight at once, and stay in registers between a norm's passes (the general kernels
+// below walk the row in dependent steps: latency-bound at the decoder's 4096 columns).
+constexpr int kNormVecs = 4;
+
+bool norm_rows_vectorised(int64_t D, std::initializer_list<const void*> pointers) {
+  if (D % 4 != 0 || D > 4 * kThreads * kNormVecs) return false;
+  for (const void* p : pointers)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    rms_norm_vec_kernel(const float* __restrict__ x, const float* __restrict__ w, float eps, int D,
+                        T* __restrict__ y) {
+  pdl_wait();
+  pdl_trigger();
+  __shared__ float scratch[32];
+  const int n4 = D / 4;
+  const float4* xr = reinterpret_cast<const float4*>(x + int64_t(blockIdx.x) * D);
+  float4 v[kNormVecs];
+  float sq = 0;
+#pragma unroll
+  for (int k = 0; k < kNormVecs; ++k) {
+    const int i4 = threadIdx.x + k * kThreads;
+    v[k] = i4 < n4 ? xr[i4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    sq += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+  }
+  sq = block_sum(sq, scratch);
+  const float inv = 1.0f / sqrtf(sq / float(D) + eps);
+  T* yr = y + int64_t(blockIdx.x) * D;
+#pragma unroll
+  for (int k = 0; k < kNormVecs; ++k) {
+    const int i4 = threadIdx.x + k * kThreads;
+    if (i4 >= n4) continue;
+    const float4 g = reinterpret_cast<const float4*>(w)[i4];
+    store_out4(yr, i4,
+               make_float4(g.x * (v[k].x * inv), g.y * (v[k].y * inv), g.z * (v[k].z * inv),
+                           g.w * (v[k].w * inv)));
+  }
+}
+
 template <class T>
 __global__ void rms_norm_kernel(const float* __restrict__ x, const float* __restrict__ w,
                                 float eps, int64_t D, T* __restrict__ y) {
@@ -61,22 +129,53 @@ __global__ void rms_norm_kernel(const float* __restrict__ x, const float* __rest
   for (int64_t i = threadIdx.x; i < D; i += blockDim.x) sq += xr[i] * xr[i];
   sq = block_sum(sq, scratch);
   const float inv = 1.0f / sqrtf(sq / float(D) + eps);
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
-    const float v = w[i] * (xr[i] * inv);
-    if constexpr (std::is_same_v<T, float>) {
-      yr[i] = v;
-    } else {
-      yr[i] = __float2bfloat16(v);
-    }
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) store_out(yr, i, w[i] * (xr[i] * inv));
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    layer_norm_vec_kernel(const float* __restrict__ x, const float* __restrict__ w,
+                          const float* __restrict__ b, float eps, int D, T* __restrict__ y) {
+  __shared__ float scratch[32];
+  const int n4 = D / 4;
+  const float4* xr = reinterpret_cast<const float4*>(x + int64_t(blockIdx.x) * D);
+  float4 v[kNormVecs];
+  float sum = 0;
+#pragma unroll
+  for (int k = 0; k < kNormVecs; ++k) {
+    const int i4 = threadIdx.x + k * kThreads;
+    v[k] = i4 < n4 ? xr[i4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    sum += v[k].x + v[k].y + v[k].z + v[k].w;
+  }
+  const float mean = block_sum(sum, scratch) / float(D);
+  float sq = 0;  // centred second pass, as torch computes it
+#pragma unroll
+  for (int k = 0; k < kNormVecs; ++k) {
+    if (threadIdx.x + k * kThreads >= n4) continue;
+    const float4 d = make_float4(v[k].x - mean, v[k].y - mean, v[k].z - mean, v[k].w - mean);
+    sq += d.x * d.x + d.y * d.y + d.z * d.z + d.w * d.w;
+  }
+  const float inv = 1.0f / sqrtf(block_sum(sq, scratch) / float(D) + eps);
+  T* yr = y + int64_t(blockIdx.x) * D;
+#pragma unroll
+  for (int k = 0; k < kNormVecs; ++k) {
+    const int i4 = threadIdx.x + k * kThreads;
+    if (i4 >= n4) continue;
+    const float4 g = reinterpret_cast<const float4*>(w)[i4];
+    const float4 c = reinterpret_cast<const float4*>(b)[i4];
+    store_out4(yr, i4,
+               make_float4((v[k].x - mean) * inv * g.x + c.x, (v[k].y - mean) * inv * g.y + c.y,
+                           (v[k].z - mean) * inv * g.z + c.z, (v[k].w - mean) * inv * g.w + c.w));
   }
 }
 
+template <class T>
 __global__ void layer_norm_kernel(const float* __restrict__ x, const float* __restrict__ w,
                                   const float* __restrict__ b, float eps, int64_t D,
-                                  float* __restrict__ y) {
+                                  T* __restrict__ y) {
   __shared__ float scratch[32];
   const float* xr = x + blockIdx.x * D;
-  float* yr = y + blockIdx.x * D;
+  T* yr = y + blockIdx.x * D;
   float sum = 0;
   for (int64_t i = threadIdx.x; i < D; i += blockDim.x) sum += xr[i];
   const float mean = block_sum(sum, scratch) / float(D);
@@ -86,25 +185,33 @@ __global__ void layer_norm_kernel(const float* __restrict__ x, const float* __re
     sq += d * d;
   }
   const float inv = 1.0f / sqrtf(block_sum(sq, scratch) / float(D) + eps);
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) yr[i] = (xr[i] - mean) * inv * w[i] + b[i];
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x)
+    store_out(yr, i, (xr[i] - mean) * inv * w[i] + b[i]);
 }
 
 // ------------------------------------------------------------------------------------------
 // Element-wise
 
-__global__ void gelu_kernel(float* x, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752440f));
+__device__ __forceinline__ float gelu(float x) {
+  return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f));
 }
 
+// out = gelu(x): in place (out == x, float) or into the bf16 input of the next product.
+template <class T>
+__global__ void gelu_kernel(const float* x, int64_t n, T* out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    store_out(out, i, gelu(x[i]));
+}
+
+template <class T>
 __global__ void silu_mul_kernel(const float* __restrict__ g, const float* __restrict__ u,
-                                float* __restrict__ out, int64_t n) {
+                                T* __restrict__ out, int64_t n) {
   pdl_wait();
   pdl_trigger();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    store_out(out, i, g[i] / (1.0f + expf(-g[i])) * u[i]);
 }
 
 // x[i] += y[i % ny]: y of x's shape, or a trailing part repeated.
@@ -311,189 +418,385 @@ struct AttnArgs {
 
 constexpr int kFlashMaxDh = 128;  // head dims up to this
 
-// Flash-style attention for many query rows (prefill and the vision towers), float32 on the
-// CUDA cores, register-tiled: a block of 256 threads takes 16 * kRows query rows of one head;
-// keys and values stream through shared memory 64 at a time with an online softmax, so no
-// score matrix is ever written. Thread (ty, tx) of a 16 x 16 grid computes a kRows x 4 tile of
-// scores (rows kRows ty.., keys 4 tx..) from transposed Q and K tiles, keeps the online softmax
-// of its rows (max and sum across the 16 threads of a row group by warp shuffles), and
-// accumulates its rows x every 16th column of the output. kRows = 2 doubles the blocks of short
-// sequences (the towers: 16 heads, 257 rows). It replaced a kernel with eight threads per query
-// row and shuffles per key (20.0 -> 14.6 ms of GPU time over one vision encode + prefill pair
-// on an H100, bench/GPU_NOTES.md).
-constexpr int kTileKeys = 64;
-constexpr int kKeyPad = kTileKeys + 4;        // row stride of the transposed key tile (floats)
-constexpr int kTileCols = kFlashMaxDh / 16;  // output columns per thread, at most
-
-template <int kRows>
-struct AttentionTile {
-  static constexpr int kBlockRows = 16 * kRows;
-  static constexpr int kRowPad = kBlockRows + 4;  // row stride of the transposed Q and P tiles
-  // Qt [Dh][kRowPad], Kt [Dh][kKeyPad], V [kTileKeys][Dh], Pt [kTileKeys][kRowPad] (floats)
-  static size_t smem(int64_t Dh) {
-    return size_t(Dh * kRowPad + Dh * kKeyPad + kTileKeys * Dh + kTileKeys * kRowPad) *
-           sizeof(float);
-  }
+// Flash-style attention for many query rows (prefill and the vision towers) on the tensor
+// cores. Each warp takes 16 query rows of one head; keys and values stream through shared
+// memory a tile at a time with an online softmax, so no score matrix is ever written. The
+// products are mma.m16n8k16 in "3xBF16": every float operand x is split into hi = bf16(x) and
+// lo = bf16(x - hi), and a b is taken as ah bh + ah bl + al bh with float32 accumulation. The
+// dropped al bl term and the rounding of lo leave ~2^-17 relative error per product, so the
+// float32 parity of the CUDA-core kernel this replaced (1e-4, float32 checkpoints included)
+// holds at three tensor-core operations per product instead of one.
+//
+// Keys and values are split once per call by a small kernel into four bf16 planes (K hi, K lo,
+// V hi, V lo; rows padded to whole tiles, columns to kDhp), which the attention blocks copy
+// into shared memory with cp.async, a tile ahead of the one they compute on. (Splitting in
+// every block, from float32 loads, left the loads' latency exposed and repeated the work once
+// per block of rows: bench/GPU_NOTES.md.)
+//
+// Block shapes: kRowWarps groups of 16 query rows; the kSplit warps of a group take kSlice
+// keys each of every kKeys-key tile, and merge their partial softmaxes at the end. Splitting
+// the keys multiplies the warps per SM when there are few rows (the towers: 16 heads x 17
+// groups of 16 rows, about two warps per SM unsplit, each a chain of dependent tensor-core
+// operations).
+template <int kDhp_, int kRowWarps_, int kSplit_, int kKeys_>
+struct MmaAttentionShape {
+  static constexpr int kDhp = kDhp_;  // the head dim rounded up to 16 (zero columns past it)
+  static constexpr int kRowWarps = kRowWarps_, kSplit = kSplit_, kKeys = kKeys_;
+  static constexpr int kWarps = kRowWarps * kSplit, kThreads = 32 * kWarps;
+  static constexpr int kSlice = kKeys / kSplit;
+  static_assert(kSlice % 16 == 0, "a warp's keys make whole 16-key steps");
+  // Row stride in bf16: rows 16-byte aligned (cp.async, ldmatrix), and an odd multiple of 4
+  // words, so the 8 rows one fragment load touches fall in distinct banks.
+  static constexpr int kStride = kDhp + 8;
+  static constexpr int kPlane = kKeys * kStride;  // K hi, K lo, V hi, V lo in turn
+  static constexpr size_t kStagesBytes = size_t(2) * 4 * kPlane * sizeof(__nv_bfloat16);
+  // After the last tile: each warp's 16 x kDhp outputs, then its rows' max and sum.
+  static constexpr int kPartFloats = 16 * kDhp + 32;
+  static constexpr size_t kMergeBytes = kSplit > 1 ? size_t(kWarps) * kPartFloats * 4 : 0;
+  static constexpr size_t kBytes = kStagesBytes > kMergeBytes ? kStagesBytes : kMergeBytes;
 };
 
-template <int kRows>
-__device__ __forceinline__ void load_rows(const float* p, float (&out)[kRows]) {
-  if constexpr (kRows == 4) {
-    const float4 v = *reinterpret_cast<const float4*>(p);
-    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
-  } else {
-    const float2 v = *reinterpret_cast<const float2*>(p);
-    out[0] = v.x, out[1] = v.y;
+struct SplitPair {
+  uint32_t hi, lo;  // two bf16 each, the first element in the low half
+};
+
+__device__ __forceinline__ uint32_t bf16x2_bits(__nv_bfloat162 v) {
+  uint32_t bits;
+  memcpy(&bits, &v, sizeof bits);
+  return bits;
+}
+
+__device__ __forceinline__ SplitPair split_pair(float x0, float x1) {
+  const __nv_bfloat162 hi = __floats2bfloat162_rn(x0, x1);
+  const float2 back = __bfloat1622float2(hi);
+  return {bf16x2_bits(hi), bf16x2_bits(__floats2bfloat162_rn(x0 - back.x, x1 - back.y))};
+}
+
+// Keys and values [B, Hkv, rows of Lk, Dh] (AttnArgs strides) -> the four planes
+// [4][B * Hkv][rows][kDhp] of bf16 pairs, zero past Lk and past the head.
+__global__ void split_keys_values_kernel(AttnArgs a, int64_t B, int64_t rows, int dhp,
+                                         uint32_t* __restrict__ planes) {
+  const int64_t pairs_per_row = dhp / 2, plane = B * a.Hkv * rows * pairs_per_row;
+  const int64_t Lk = a.Lk;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < plane;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t d = 2 * (i % pairs_per_row), row = i / pairs_per_row;
+    const int64_t j = row % rows, bg = row / rows;
+    const int64_t at = (bg / a.Hkv) * a.kv_batch + (bg % a.Hkv) * a.kv_head + j * a.kv_row + d;
+    const bool in = j < Lk;
+    const float k0 = in && d < a.Dh ? a.k[at] : 0.0f, k1 = in && d + 1 < a.Dh ? a.k[at + 1] : 0.0f;
+    const float v0 = in && d < a.Dh ? a.v[at] : 0.0f, v1 = in && d + 1 < a.Dh ? a.v[at + 1] : 0.0f;
+    const SplitPair k = split_pair(k0, k1), v = split_pair(v0, v1);
+    planes[i] = k.hi;
+    planes[plane + i] = k.lo;
+    planes[2 * plane + i] = v.hi;
+    planes[3 * plane + i] = v.lo;
   }
 }
 
-template <int kRows>
-__global__ void __launch_bounds__(256) flash_attention_tiled_kernel(AttnArgs a) {
-  using Tile = AttentionTile<kRows>;
-  constexpr int kBlockRows = Tile::kBlockRows, kRowPad = Tile::kRowPad;
-  extern __shared__ float tile_smem[];
+// c += a b for a 16 x 16 bf16 A fragment and a 16 x 8 B fragment (b0: k 0-7, b1: k 8-15).
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ah bh + ah bl + al bh, the small terms first.
+__device__ __forceinline__ void mma_3xbf16(float (&c)[4], const uint32_t (&a_hi)[4],
+                                           const uint32_t (&a_lo)[4], uint32_t bh0, uint32_t bh1,
+                                           uint32_t bl0, uint32_t bl1) {
+  mma_bf16(c, a_lo, bh0, bh1);
+  mma_bf16(c, a_hi, bl0, bl1);
+  mma_bf16(c, a_hi, bh0, bh1);
+}
+
+// B fragments of two adjacent 8-column tiles from a row-major [k][n] bf16 tile: lanes 0-15
+// address rows 0-15 at column n0, lanes 16-31 the same rows at n0 + 8.
+__device__ __forceinline__ void ldmatrix_x4_trans(const __nv_bfloat16* row, uint32_t (&b)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+               : "r"(uint32_t(__cvta_generic_to_shared(row)))
+               : "memory");
+}
+
+// One tile of the four planes into a shared-memory stage, 16 bytes per copy; `src` points at
+// the tile's first row in the first plane. Offsets within a plane are 32-bit.
+template <class Shape>
+__device__ __forceinline__ void fetch_kv_tile(const __nv_bfloat16* src, int64_t plane,
+                                              __nv_bfloat16* stage) {
+  constexpr int kChunks = Shape::kDhp / 8, kPerPlane = Shape::kKeys * kChunks;
+#pragma unroll
+  for (int p = 0; p < 4; ++p, src += plane, stage += Shape::kPlane)
+    for (int i = threadIdx.x; i < kPerPlane; i += Shape::kThreads) {
+      const int row = i / kChunks, chunk = i % kChunks;
+      copy_async16(stage + row * Shape::kStride + 8 * chunk, src + row * Shape::kDhp + 8 * chunk);
+    }
+}
+
+template <class Shape>
+__global__ void __launch_bounds__(Shape::kThreads)
+    flash_attention_mma_kernel(AttnArgs a, const __nv_bfloat16* __restrict__ planes,
+                               int64_t plane_rows, int64_t plane) {
+  constexpr int kDhp = Shape::kDhp, kStride = Shape::kStride, kPlane = Shape::kPlane;
+  constexpr int kSplit = Shape::kSplit, kSlice = Shape::kSlice, kKeys = Shape::kKeys;
+  constexpr int kSteps = kDhp / 16, kOutTiles = kDhp / 8, kKeyTiles = kSlice / 8;
+  extern __shared__ __align__(16) unsigned char mma_smem[];
+  __nv_bfloat16* stages = reinterpret_cast<__nv_bfloat16*>(mma_smem);
   const int Dh = int(a.Dh);
-  float* qt = tile_smem;                 // scaled queries, transposed
-  float* kt = qt + Dh * kRowPad;         // keys, transposed
-  float* vs = kt + Dh * kKeyPad;         // values
-  float* pt = vs + kTileKeys * Dh;       // probabilities, transposed
-  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;  // fragment row group and column pair
+  const int slice = (warp % kSplit) * kSlice;  // this warp's first key within each tile
   const int64_t h = blockIdx.y, b = blockIdx.z;
-  const int64_t g = h / (a.Hq / a.Hkv);
-  const int64_t row0 = int64_t(blockIdx.x) * kBlockRows;
-  const int64_t shift = delta_of(a.delta);
-  const int64_t q_offset = a.q_starts ? int64_t(a.q_starts[b]) : a.q_offset + shift;
-  const int64_t Lk = a.q_starts ? q_offset + a.Lq : a.Lk + shift;
-  const float kLog2e = 1.4426950408889634f;
+  const int64_t kv_group = h / (a.Hq / a.Hkv);
+  // Rows and key positions fit 32 bits (positions are bounded by the model's context).
+  const int Lq = int(a.Lq), window = int(a.window);
+  const int block_row0 = int(blockIdx.x) * (16 * Shape::kRowWarps);
+  const int row0 = block_row0 + 16 * (warp / kSplit);  // this warp's first query row
+  const bool warp_has_rows = row0 < Lq;
+  const int q_offset = a.q_starts ? a.q_starts[b] : int(a.q_offset);
+  const int Lk = a.q_starts ? q_offset + Lq : int(a.Lk);
 
-  // Tile fills: warp w takes rows w, w + 8, ..., its lanes consecutive elements of the head
-  // (coalesced reads, no division by Dh).
-  const int lane = tid % 32, warp = tid / 32;
-  const float* qbase = a.q + b * a.q_batch + h * Dh;
-  for (int r = warp; r < kBlockRows; r += 8) {
-    const int64_t row = row0 + r;
-    for (int d = lane; d < Dh; d += 32)
-      qt[d * kRowPad + r] = row < a.Lq ? qbase[row * a.q_row + d] * a.scale * kLog2e : 0.0f;
-  }
-  int64_t key_begin = 0, key_end = Lk;
+  // Keys the block (and the warp's rows) can see.
+  int key_begin = 0, key_end = Lk, warp_begin = 0, warp_end = warp_has_rows ? Lk : 0;
   if (a.causal) {
-    key_end = min(Lk, q_offset + min(row0 + kBlockRows, a.Lq));
-    if (a.window > 0) key_begin = max(int64_t(0), q_offset + row0 - a.window + 1);
-    key_begin = key_begin / kTileKeys * kTileKeys;
+    key_end = min(Lk, q_offset + min(block_row0 + 16 * Shape::kRowWarps, Lq));
+    if (warp_has_rows) warp_end = min(Lk, q_offset + min(row0 + 16, Lq));
+    if (window > 0) {
+      key_begin = max(0, q_offset + block_row0 - window + 1);
+      warp_begin = max(0, q_offset + row0 - window + 1);
+    }
+    key_begin = key_begin / kKeys * kKeys;
   }
-  const float* kbase = a.k + b * a.kv_batch + g * a.kv_head;
-  const float* vbase = a.v + b * a.kv_batch + g * a.kv_head;
+  const int tiles = key_end > key_begin ? (key_end - key_begin + kKeys - 1) / kKeys : 0;
+  const __nv_bfloat16* kv_rows = planes + (b * a.Hkv + kv_group) * plane_rows * kDhp;
+  if (tiles > 0) fetch_kv_tile<Shape>(kv_rows + int64_t(key_begin) * kDhp, plane, stages);
+  copy_async_commit();
 
-  float m[kRows], l[kRows], acc[kRows][kTileCols];
+  // The warp's queries as A fragments (register r: row g + 8 (r % 2), columns 2t + 8 (r / 2)
+  // and the next of each 16-column step), scaled so that exp2 gives the softmax.
+  uint32_t q_hi[kSteps][4], q_lo[kSteps][4];
+  {
+    const float q_scale = a.scale * 1.4426950408889634f;  // log2(e)
+    const float* q_rows[2];
+    bool q_valid[2];
 #pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    m[i] = -INFINITY;
-    l[i] = 0.0f;
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + g + 8 * r;
+      q_valid[r] = row < Lq;
+      q_rows[r] = a.q + b * a.q_batch + h * Dh + int64_t(q_valid[r] ? row : 0) * a.q_row;
+    }
 #pragma unroll
-    for (int c = 0; c < kTileCols; ++c) acc[i][c] = 0.0f;
+    for (int s = 0; s < kSteps; ++s)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int col = 16 * s + 2 * t + 8 * (r / 2);
+        const float* q = q_rows[r % 2];
+        const bool valid = q_valid[r % 2];
+        const float x0 = valid && col < Dh ? q[col] * q_scale : 0.0f;
+        const float x1 = valid && col + 1 < Dh ? q[col + 1] * q_scale : 0.0f;
+        const SplitPair p = split_pair(x0, x1);
+        q_hi[s][r] = p.hi;
+        q_lo[s][r] = p.lo;
+      }
   }
-  for (int64_t j0 = key_begin; j0 < key_end; j0 += kTileKeys) {
-    __syncthreads();  // the previous tile's keys, values and probabilities are consumed
-    for (int kk = warp; kk < kTileKeys; kk += 8) {
-      const int64_t j = j0 + kk;
-      const bool in = j < key_end;
-      for (int d = lane; d < Dh; d += 32) {
-        kt[d * kKeyPad + kk] = in ? kbase[j * a.kv_row + d] : 0.0f;
-        vs[kk * Dh + d] = in ? vbase[j * a.kv_row + d] : 0.0f;
+  const int pos0 = q_offset + row0 + g;  // absolute positions of rows g and g + 8
+
+  float o[kOutTiles][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int n = 0; n < kOutTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int j0 = key_begin + tile * kKeys;
+    // The next tile goes to the other stage, freed by the barrier that ended the last round.
+    if (tile + 1 < tiles)
+      fetch_kv_tile<Shape>(kv_rows + int64_t(j0 + kKeys) * kDhp, plane,
+                           stages + ((tile + 1) % 2) * 4 * kPlane);
+    copy_async_commit();
+    copy_async_wait<1>();
+    __syncthreads();  // this tile has landed, every thread's part of it
+    const __nv_bfloat16* k_hi = stages + (tile % 2) * 4 * kPlane + slice * kStride;
+    const __nv_bfloat16 *k_lo = k_hi + kPlane, *v_hi = k_lo + kPlane, *v_lo = v_hi + kPlane;
+    const int js = j0 + slice;  // this warp's keys: js ..
+
+    if (js < warp_end && js + kSlice > warp_begin) {  // else nothing this warp sees
+      float s[kKeyTiles][4];
+#pragma unroll
+      for (int n = 0; n < kKeyTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+      for (int st = 0; st < kSteps; ++st)
+#pragma unroll
+        for (int n = 0; n < kKeyTiles; ++n) {
+          // B[k = head column][n = key] is a key row: two consecutive columns per register.
+          const int at = (8 * n + g) * kStride + 16 * st + 2 * t;
+          const uint32_t bh0 = *reinterpret_cast<const uint32_t*>(k_hi + at);
+          const uint32_t bh1 = *reinterpret_cast<const uint32_t*>(k_hi + at + 8);
+          const uint32_t bl0 = *reinterpret_cast<const uint32_t*>(k_lo + at);
+          const uint32_t bl1 = *reinterpret_cast<const uint32_t*>(k_lo + at + 8);
+          mma_3xbf16(s[n], q_hi[st], q_lo[st], bh0, bh1, bl0, bl1);
+        }
+
+      // Online softmax of rows g (elements 0, 1) and g + 8 (2, 3): a row's kSlice / 4
+      // scores of this tile per lane, its kSlice across the lane's quad.
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = js + 8 * n + 2 * t + (e % 2);
+          const int pos = pos0 + 8 * (e / 2);
+          bool visible = j < key_end;
+          if (a.causal) visible = visible && j <= pos && (window <= 0 || j > pos - window);
+          if (!visible) s[n][e] = -INFINITY;
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
+        }
+      float correction[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+        const float m_new = fmaxf(m[r], tile_max[r]);
+        correction[r] = m_new == -INFINITY ? 1.0f : exp2f(m[r] - m_new);
+        m[r] = m_new;
+      }
+      float row_sum[2] = {0.0f, 0.0f};  // this lane's share; the quad is summed at the end
+#pragma unroll
+      for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float mr = m[e / 2];
+          s[n][e] = mr == -INFINITY ? 0.0f : exp2f(s[n][e] - mr);
+          row_sum[e / 2] += s[n][e];
+        }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) l[r] = l[r] * correction[r] + row_sum[r];
+#pragma unroll
+      for (int n = 0; n < kOutTiles; ++n) {
+        o[n][0] *= correction[0];
+        o[n][1] *= correction[0];
+        o[n][2] *= correction[1];
+        o[n][3] *= correction[1];
+      }
+
+      // O += P V: the score tiles 2kk and 2kk + 1 are the A fragment of keys 16kk.. as they are.
+#pragma unroll
+      for (int kk = 0; kk < kSlice / 16; ++kk) {
+        uint32_t p_hi[4], p_lo[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const float* pair = &s[2 * kk + r / 2][2 * (r % 2)];
+          const SplitPair p = split_pair(pair[0], pair[1]);
+          p_hi[r] = p.hi;
+          p_lo[r] = p.lo;
+        }
+        const int at = (16 * kk + lane % 16) * kStride + 8 * (lane / 16);
+#pragma unroll
+        for (int n = 0; n < kOutTiles; n += 2) {
+          uint32_t bh[4], bl[4];
+          ldmatrix_x4_trans(v_hi + at + 8 * n, bh);
+          ldmatrix_x4_trans(v_lo + at + 8 * n, bl);
+          mma_3xbf16(o[n], p_hi, p_lo, bh[0], bh[1], bl[0], bl[1]);
+          mma_3xbf16(o[n + 1], p_hi, p_lo, bh[2], bh[3], bl[2], bl[3]);
+        }
+      }
+    }
+    __syncthreads();  // this stage is free for the tile after next
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+  if constexpr (kSplit == 1) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + g + 8 * r;
+      if (row >= Lq) continue;
+      const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+      float* orow = a.out + b * a.out_batch + int64_t(row) * a.out_row + h * Dh;
+#pragma unroll
+      for (int n = 0; n < kOutTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * n + 2 * t + e;
+          if (col < Dh) orow[col] = o[n][2 * r + e] * inv;
+        }
+    }
+  } else {
+    // The stages are free (the loop ended on a barrier): each warp leaves its unnormalised
+    // rows, maxima and sums there, and the block merges each row group's kSplit parts.
+    __syncthreads();
+    float* part = reinterpret_cast<float*>(mma_smem) + warp * Shape::kPartFloats;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int n = 0; n < kOutTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) part[(g + 8 * r) * kDhp + 8 * n + 2 * t + e] = o[n][2 * r + e];
+      if (t == 0) {
+        part[16 * kDhp + g + 8 * r] = m[r];
+        part[16 * kDhp + 16 + g + 8 * r] = l[r];
       }
     }
     __syncthreads();
-    float s[kRows][4];
-#pragma unroll
-    for (int i = 0; i < kRows; ++i)
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) s[i][jj] = 0.0f;
-#pragma unroll 8
-    for (int d = 0; d < Dh; ++d) {
-      float qa[kRows];
-      load_rows<kRows>(qt + d * kRowPad + kRows * ty, qa);
-      const float4 kv = *reinterpret_cast<const float4*>(kt + d * kKeyPad + 4 * tx);
-      const float ka[4] = {kv.x, kv.y, kv.z, kv.w};
-#pragma unroll
-      for (int i = 0; i < kRows; ++i)
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj) s[i][jj] = fmaf(qa[i], ka[jj], s[i][jj]);
-    }
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      const int64_t pos = q_offset + row0 + kRows * ty + i;  // this row's absolute position
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const int64_t j = j0 + 4 * tx + jj;
-        bool visible = j < key_end;
-        if (a.causal) visible = visible && j <= pos && (a.window <= 0 || j > pos - a.window);
-        if (!visible) s[i][jj] = -INFINITY;
-        tile_max = fmaxf(tile_max, s[i][jj]);
+    const float* parts = reinterpret_cast<const float*>(mma_smem);
+    for (int i = threadIdx.x; i < Shape::kRowWarps * 16 * Dh; i += Shape::kThreads) {
+      const int group = i / (16 * Dh), row = i / Dh % 16, col = i % Dh;
+      const int q_row = block_row0 + 16 * group + row;
+      if (q_row >= Lq) continue;
+      const float* first = parts + group * kSplit * Shape::kPartFloats;
+      float top = -INFINITY;
+      for (int s = 0; s < kSplit; ++s)
+        top = fmaxf(top, first[s * Shape::kPartFloats + 16 * kDhp + row]);
+      float num = 0.0f, den = 0.0f;
+      for (int s = 0; s < kSplit; ++s) {
+        const float* p = first + s * Shape::kPartFloats;
+        const float ms = p[16 * kDhp + row];
+        if (ms == -INFINITY) continue;  // saw no key of this row
+        const float w = exp2f(ms - top);
+        num += w * p[row * kDhp + col];
+        den += w * p[16 * kDhp + 16 + row];
       }
-      // The 16 threads of a row group are 16 consecutive lanes of one warp.
-      for (int o = 1; o < 16; o <<= 1)
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, o));
-      const float m_new = fmaxf(m[i], tile_max);
-      float p[4], row_sum = 0.0f;
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        p[jj] = m_new == -INFINITY ? 0.0f : exp2f(s[i][jj] - m_new);
-        row_sum += p[jj];
-      }
-      for (int o = 1; o < 16; o <<= 1) row_sum += __shfl_xor_sync(0xffffffffu, row_sum, o);
-      const float correction = m_new == -INFINITY ? 1.0f : exp2f(m[i] - m_new);
-      l[i] = l[i] * correction + row_sum;
-#pragma unroll
-      for (int c = 0; c < kTileCols; ++c) acc[i][c] *= correction;
-      m[i] = m_new;
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj) pt[(4 * tx + jj) * kRowPad + kRows * ty + i] = p[jj];
-    }
-    __syncthreads();
-    const int keys = int(min(int64_t(kTileKeys), key_end - j0));
-#pragma unroll 4
-    for (int kk = 0; kk < keys; ++kk) {
-      float pa[kRows];
-      load_rows<kRows>(pt + kk * kRowPad + kRows * ty, pa);
-      const float* vrow = vs + kk * Dh;
-#pragma unroll
-      for (int c = 0; c < kTileCols; ++c) {
-        const int col = tx + 16 * c;
-        if (col >= Dh) continue;  // columns past the head (Dh = 64: half of them)
-        const float v = vrow[col];
-#pragma unroll
-        for (int i = 0; i < kRows; ++i) acc[i][c] = fmaf(pa[i], v, acc[i][c]);
-      }
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int64_t row = row0 + kRows * ty + i;
-    if (row >= a.Lq) continue;
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-    float* orow = a.out + b * a.out_batch + row * a.out_row + h * Dh;
-#pragma unroll
-    for (int c = 0; c < kTileCols; ++c) {
-      const int col = tx + 16 * c;
-      if (col < Dh) orow[col] = acc[i][c] * inv;
+      a.out[b * a.out_batch + int64_t(q_row) * a.out_row + h * Dh + col] =
+          den > 0.0f ? num / den : 0.0f;
     }
   }
 }
 
-// Opts the tiled kernel into the shared memory beyond 48 KB, once: up to the card's limit less
-// its static share. Returns that limit.
-template <int kRows>
-size_t tiled_attention_limit() {
-  static const size_t limit = [] {
-    cudaFuncAttributes attributes{};
-    MOXIN_CUDA_CHECK(cudaFuncGetAttributes(&attributes, flash_attention_tiled_kernel<kRows>));
-    const size_t bytes = properties().sharedMemPerBlockOptin - attributes.sharedSizeBytes;
-    MOXIN_CUDA_CHECK(cudaFuncSetAttribute(flash_attention_tiled_kernel<kRows>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-    return bytes;
+// Splits the keys and values, then launches the kernel of one block shape.
+template <class Shape>
+void launch_mma_attention(const AttnArgs& a, int64_t B) {
+  static const bool opted_in = [] {  // shared memory past 48 KB, once per shape
+    MOXIN_CUDA_CHECK(cudaFuncSetAttribute(flash_attention_mma_kernel<Shape>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          int(Shape::kBytes)));
+    return true;
   }();
-  return limit;
+  (void)opted_in;
+  constexpr int kDhp = Shape::kDhp;
+  const int64_t rows = (a.Lk + Shape::kKeys - 1) / Shape::kKeys * Shape::kKeys;
+  const int64_t pairs = B * a.Hkv * rows * (kDhp / 2);
+  Tensor planes = Tensor::empty({4 * pairs}, DType::I32, Device::CUDA);
+  split_keys_values_kernel<<<blocks_for(pairs, kThreads), kThreads, 0, stream()>>>(
+      a, B, rows, kDhp, reinterpret_cast<uint32_t*>(planes.data_mut<int32_t>()));
+  MOXIN_LAUNCH_CHECK();
+  constexpr int kBlockRows = 16 * Shape::kRowWarps;
+  const dim3 grid(unsigned((a.Lq + kBlockRows - 1) / kBlockRows), unsigned(a.Hq), unsigned(B));
+  flash_attention_mma_kernel<Shape><<<grid, Shape::kThreads, Shape::kBytes, stream()>>>(
+      a, reinterpret_cast<const __nv_bfloat16*>(planes.data<int32_t>()), rows, 2 * pairs);
+}
+
+// Head dims up to 80 (the towers): one row group of 16 per block, its keys split four ways.
+// 128 (the decoder, 280 rows x 32 heads): four row groups, keys not split, 32-key tiles (a
+// two-way split measured slower, 71 against 52 us per call: its 16-key slices pay each
+// tile's fixed costs for half the work).
+void launch_mma_attention(const AttnArgs& a, int64_t B) {
+  if (a.Dh <= 32) launch_mma_attention<MmaAttentionShape<32, 1, 4, 64>>(a, B);
+  else if (a.Dh <= 64) launch_mma_attention<MmaAttentionShape<64, 1, 4, 64>>(a, B);
+  else if (a.Dh <= 80) launch_mma_attention<MmaAttentionShape<80, 1, 4, 64>>(a, B);
+  else launch_mma_attention<MmaAttentionShape<128, 4, 1, 32>>(a, B);
 }
 
 // Decode attention: one query row per (head, batch) over the whole history. 8 warps split the
@@ -702,20 +1005,7 @@ void launch_attention(const AttnArgs& a, int64_t B, int64_t key_capacity = 0) {
     }
   } else {
     if (a.delta) throw_error(ErrorKind::Compute, "a recorded decode step takes one token");
-    // Four rows per thread when 64-row blocks fill every SM twice, else two (more, smaller
-    // blocks: the towers' 16 heads, a single prefill).
-    const int64_t blocks64 = (a.Lq + 63) / 64 * a.Hq * B;
-    const bool wide = blocks64 >= 2 * int64_t(properties().multiProcessorCount);
-    if (wide && AttentionTile<4>::smem(a.Dh) <= tiled_attention_limit<4>()) {
-      const dim3 grid(unsigned((a.Lq + 63) / 64), unsigned(a.Hq), unsigned(B));
-      flash_attention_tiled_kernel<4><<<grid, 256, AttentionTile<4>::smem(a.Dh), stream()>>>(a);
-    } else if (AttentionTile<2>::smem(a.Dh) <= tiled_attention_limit<2>()) {
-      const dim3 grid(unsigned((a.Lq + 31) / 32), unsigned(a.Hq), unsigned(B));
-      flash_attention_tiled_kernel<2><<<grid, 256, AttentionTile<2>::smem(a.Dh), stream()>>>(a);
-    } else {
-      throw_error(ErrorKind::Compute, "attention: head dim " + std::to_string(a.Dh) +
-                                          " needs more shared memory than this GPU has");
-    }
+    launch_mma_attention(a, B);
   }
   MOXIN_LAUNCH_CHECK();
 }
@@ -724,24 +1014,30 @@ void launch_attention(const AttnArgs& a, int64_t B, int64_t key_capacity = 0) {
 
 // --------------------------------------------------------------------------------------------
 
-Tensor layer_norm(const Tensor& x, const LayerNorm& norm) {
+namespace {
+
+template <class T>
+Tensor layer_norm_as(const Tensor& x, const LayerNorm& norm, DType dtype) {
   require_f32_cuda(x, "layer_norm");
   const int64_t D = x.dim(-1);
   require_on_gpu(norm.weight, "layer_norm", "weight");
   require_on_gpu(norm.bias, "layer_norm", "bias");
   if (norm.weight.numel() != D || norm.bias.numel() != D)
     throw_error(ErrorKind::Compute, "layer_norm: weight does not match " + shape_to_string(x.shape()));
-  Tensor y = Tensor::empty(x.shape(), DType::F32, Device::CUDA);
+  Tensor y = Tensor::empty(x.shape(), dtype, Device::CUDA);
   const int64_t rows = x.numel() / D;
   if (rows == 0) return y;
-  layer_norm_kernel<<<unsigned(rows), kThreads, 0, stream()>>>(
-      x.data<float>(), norm.weight.data<float>(), norm.bias.data<float>(), norm.eps, D,
-      y.data_mut<float>());
+  const float *xp = x.data<float>(), *w = norm.weight.data<float>(), *b = norm.bias.data<float>();
+  T* yp = static_cast<T*>(y.raw_mut());
+  if (norm_rows_vectorised(D, {xp, w, b, yp})) {
+    layer_norm_vec_kernel<T><<<unsigned(rows), kThreads, 0, stream()>>>(xp, w, b, norm.eps,
+                                                                          int(D), yp);
+  } else {
+    layer_norm_kernel<T><<<unsigned(rows), kThreads, 0, stream()>>>(xp, w, b, norm.eps, D, yp);
+  }
   MOXIN_LAUNCH_CHECK();
   return y;
 }
-
-namespace {
 
 template <class T>
 Tensor rms_norm_as(const Tensor& x, const RMSNorm& norm, DType dtype) {
@@ -753,13 +1049,42 @@ Tensor rms_norm_as(const Tensor& x, const RMSNorm& norm, DType dtype) {
   Tensor y = Tensor::empty(x.shape(), dtype, Device::CUDA);
   const int64_t rows = x.numel() / D;
   if (rows == 0) return y;
-  launch_pdl(rms_norm_kernel<T>, unsigned(rows), kThreads, 0, x.data<float>(),
-             norm.weight.data<float>(), norm.eps, D, static_cast<T*>(y.raw_mut()));
+  const float *xp = x.data<float>(), *w = norm.weight.data<float>();
+  T* yp = static_cast<T*>(y.raw_mut());
+  if (norm_rows_vectorised(D, {xp, w, yp})) {
+    launch_pdl(rms_norm_vec_kernel<T>, unsigned(rows), kThreads, 0, xp, w, norm.eps, int(D), yp);
+  } else {
+    launch_pdl(rms_norm_kernel<T>, unsigned(rows), kThreads, 0, xp, w, norm.eps, D, yp);
+  }
   MOXIN_LAUNCH_CHECK();
   return y;
 }
 
+template <class T>
+Tensor silu_mul_as(const Tensor& gate, const Tensor& up, DType dtype) {
+  require_f32_cuda(gate, "silu_mul");
+  require_f32_cuda(up, "silu_mul");
+  if (gate.shape() != up.shape()) throw_error(ErrorKind::Compute, "silu_mul: shape mismatch");
+  Tensor out = Tensor::empty(gate.shape(), dtype, Device::CUDA);
+  if (gate.numel() == 0) return out;
+  launch_pdl(silu_mul_kernel<T>, blocks_for(gate.numel(), kThreads), kThreads, 0,
+             gate.data<float>(), up.data<float>(), static_cast<T*>(out.raw_mut()), gate.numel());
+  MOXIN_LAUNCH_CHECK();
+  return out;
+}
+
+// Rows [M, K] of x when the layer's product would take them in bf16, else 0.
+int64_t bf16_rows_for(const Tensor& x, const Linear& layer) {
+  if (!x.defined() || x.ndim() == 0 || x.dim(-1) == 0) return 0;
+  const int64_t K = x.dim(-1), M = x.numel() / K;
+  return takes_bf16_rows(layer, M, K) ? M : 0;
+}
+
 }  // namespace
+
+Tensor layer_norm(const Tensor& x, const LayerNorm& norm) {
+  return layer_norm_as<float>(x, norm, DType::F32);
+}
 
 Tensor rms_norm(const Tensor& x, const RMSNorm& norm) {
   return rms_norm_as<float>(x, norm, DType::F32);
@@ -772,21 +1097,48 @@ Tensor rms_norm_bf16(const Tensor& x, const RMSNorm& norm) {
 void gelu_inplace(Tensor& x) {
   require_f32_cuda(x, "gelu");
   if (x.numel() == 0) return;
-  gelu_kernel<<<blocks_for(x.numel(), kThreads), kThreads, 0, stream()>>>(x.data_mut<float>(),
-                                                                          x.numel());
+  gelu_kernel<float><<<blocks_for(x.numel(), kThreads), kThreads, 0, stream()>>>(
+      x.data<float>(), x.numel(), x.data_mut<float>());
   MOXIN_LAUNCH_CHECK();
 }
 
 Tensor silu_mul(const Tensor& gate, const Tensor& up) {
-  require_f32_cuda(gate, "silu_mul");
-  require_f32_cuda(up, "silu_mul");
-  if (gate.shape() != up.shape()) throw_error(ErrorKind::Compute, "silu_mul: shape mismatch");
-  Tensor out = Tensor::empty(gate.shape(), DType::F32, Device::CUDA);
-  if (gate.numel() == 0) return out;
-  launch_pdl(silu_mul_kernel, blocks_for(gate.numel(), kThreads), kThreads, 0, gate.data<float>(),
-             up.data<float>(), out.data_mut<float>(), gate.numel());
+  return silu_mul_as<float>(gate, up, DType::F32);
+}
+
+Tensor layer_norm_linear(const Tensor& x, const LayerNorm& norm, const Linear& layer) {
+  if (bf16_rows_for(x, layer) == 0) return linear(layer_norm(x, norm), layer);
+  Tensor y;
+  linear_from_bf16(layer_norm_as<__nv_bfloat16>(x, norm, DType::BF16), layer, y, false);
+  return y;
+}
+
+Tensor gelu_linear(Tensor& x, const Linear& layer) {
+  require_f32_cuda(x, "gelu");
+  if (bf16_rows_for(x, layer) == 0) {
+    gelu_inplace(x);
+    return linear(x, layer);
+  }
+  Tensor xb = Tensor::empty(x.shape(), DType::BF16, Device::CUDA);
+  gelu_kernel<__nv_bfloat16><<<blocks_for(x.numel(), kThreads), kThreads, 0, stream()>>>(
+      x.data<float>(), x.numel(), static_cast<__nv_bfloat16*>(xb.raw_mut()));
   MOXIN_LAUNCH_CHECK();
-  return out;
+  Tensor y;
+  linear_from_bf16(xb, layer, y, false);
+  return y;
+}
+
+void swiglu_mlp_accumulate(Tensor& x, const Linear& gate, const Linear& up, const Linear& down,
+                           const RMSNorm* norm) {
+  const int64_t M = x.defined() && x.ndim() > 0 && x.dim(-1) > 0 ? x.numel() / x.dim(-1) : 0;
+  if (M == 0 || !takes_bf16_rows(down, M, down.in_features())) {
+    linear_accumulate(x, swiglu_linear(x, gate, up, norm), down);
+    return;
+  }
+  // Many rows: gate and up as two products on the normalised bf16 input, SiLU(gate) * up
+  // written in bf16 for the down product, which adds into the residual stream.
+  const std::vector<Tensor> halves = linear_same_input(x, {&gate, &up}, norm);
+  linear_from_bf16(silu_mul_as<__nv_bfloat16>(halves[0], halves[1], DType::BF16), down, x, true);
 }
 
 void add_inplace(Tensor& x, const Tensor& y) {

@@ -15,6 +15,15 @@ void linear_accumulate(Tensor& y, const Tensor& x, const Linear& layer);
 std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const Linear*>& layers,
                                       const RMSNorm* norm);
 Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up, const RMSNorm* norm);
+// Products whose input a producer kernel writes in bf16 itself (one pass over the activations
+// fewer): whether linear() of M rows of K takes bf16 rows for this layer (cuBLASLt on bf16 or
+// quantized weights), and that product from such rows, into a new y or accumulated into y.
+bool takes_bf16_rows(const Linear& layer, int64_t M, int64_t K);
+void linear_from_bf16(const Tensor& xb, const Linear& layer, Tensor& y, bool accumulate);
+Tensor layer_norm_linear(const Tensor& x, const LayerNorm& norm, const Linear& layer);
+Tensor gelu_linear(Tensor& x, const Linear& layer);
+void swiglu_mlp_accumulate(Tensor& x, const Linear& gate, const Linear& up, const Linear& down,
+                           const RMSNorm* norm);
 Tensor layer_norm(const Tensor& x, const LayerNorm& norm);
 Tensor rms_norm(const Tensor& x, const RMSNorm& norm);
 // The same norm with its output rounded to bf16: the input of cuBLASLt products, in one pass.

@@ -1,11 +1,12 @@
 // Device discovery, the stream-ordered memory pool, copies and the shared handles.
 #include <algorithm>
 #include <atomic>
-#include <vector>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/cuda_runtime.h"
@@ -57,12 +58,21 @@ class Runtime {
     // Freed blocks stay in the pool: per-op allocations then cost a few hundred nanoseconds.
     uint64_t threshold = UINT64_MAX;
     MOXIN_CUDA_CHECK(cudaMemPoolSetAttribute(pool_, cudaMemPoolAttrReleaseThreshold, &threshold));
+    // A block freed on one stream is reused by another only once its free has completed:
+    // never by a wait the pool inserts, which would serialise work run side by side.
+    int no = 0;
+    MOXIN_CUDA_CHECK(
+        cudaMemPoolSetAttribute(pool_, cudaMemPoolReuseAllowInternalDependencies, &no));
     MOXIN_CUBLAS_CHECK(cublasLtCreate(&lt_));
     workspace_bytes_ = size_t(32) << 20;
     MOXIN_CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
     other_bytes_ += std::ptrdiff_t(workspace_bytes_);
   }
   ~Runtime() {
+    if (side_workspace_) cudaFree(side_workspace_);
+    if (fork_) cudaEventDestroy(fork_);
+    if (join_) cudaEventDestroy(join_);
+    if (side_stream_) cudaStreamDestroy(side_stream_);
     if (workspace_) cudaFree(workspace_);
     if (lt_) cublasLtDestroy(lt_);
     if (stream_) cudaStreamDestroy(stream_);
@@ -77,6 +87,22 @@ class Runtime {
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   std::atomic<std::ptrdiff_t> other_bytes_{0};
+
+  // The side stream of run_concurrently, its own cuBLASLt scratch and the fork/join events,
+  // made on first use.
+  void ensure_side_stream() {
+    std::call_once(side_once_, [this] {
+      MOXIN_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
+      MOXIN_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+      MOXIN_CUDA_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
+      MOXIN_CUDA_CHECK(cudaMalloc(&side_workspace_, workspace_bytes_));
+      other_bytes_ += std::ptrdiff_t(workspace_bytes_);
+    });
+  }
+  std::once_flag side_once_;
+  cudaStream_t side_stream_ = nullptr;
+  cudaEvent_t fork_ = nullptr, join_ = nullptr;
+  void* side_workspace_ = nullptr;
 };
 
 Runtime& runtime() {
@@ -85,6 +111,9 @@ Runtime& runtime() {
 }
 
 thread_local CaptureArena* g_arena = nullptr;
+// The stream this thread's work goes to: the side stream inside run_concurrently's second
+// piece of work, else (null) the main one.
+thread_local cudaStream_t g_current_stream = nullptr;
 const int* g_position_delta = nullptr;
 
 }  // namespace
@@ -104,7 +133,7 @@ std::string describe() {
   return text;
 }
 
-cudaStream_t stream() { return runtime().stream_; }
+cudaStream_t stream() { return g_current_stream ? g_current_stream : runtime().stream_; }
 const cudaDeviceProp& properties() { return runtime().props_; }
 bool pdl_enabled() {
   static const bool enabled = [] {
@@ -122,8 +151,10 @@ bool pdl_in_graphs() {
 }
 cublasLtHandle_t cublaslt() { return runtime().lt_; }
 void* cublaslt_workspace(size_t* bytes) {
-  *bytes = runtime().workspace_bytes_;
-  return runtime().workspace_;
+  Runtime& rt = runtime();
+  *bytes = rt.workspace_bytes_;
+  return g_current_stream == rt.side_stream_ && g_current_stream ? rt.side_workspace_
+                                                                  : rt.workspace_;
 }
 
 void set_capture_arena(CaptureArena* arena) { g_arena = arena; }
@@ -145,31 +176,66 @@ std::shared_ptr<void> allocate(size_t bytes) {
     return std::shared_ptr<void>(p, [](void*) {});
   }
   void* p = nullptr;
-  const cudaError_t status = cudaMallocAsync(&p, rounded ? rounded : 256, rt.stream_);
+  const cudaError_t status = cudaMallocAsync(&p, rounded ? rounded : 256, stream());
   if (status == cudaErrorMemoryAllocation) {
     cudaGetLastError();
     throw_error(ErrorKind::Compute, "out of GPU memory allocating " + std::to_string(bytes) +
                                         " bytes");
   }
   MOXIN_CUDA_CHECK(status);
-  // Stream-ordered free: the block returns to the pool once the work queued before it is done.
-  return std::shared_ptr<void>(p, [](void* q) { cudaFreeAsync(q, runtime().stream_); });
+  // Stream-ordered free: the block returns to the pool once the work queued before it on the
+  // stream current at the free is done (inside run_concurrently, a piece of work frees on its
+  // own stream what it dropped; after it, the main stream has waited for both).
+  return std::shared_ptr<void>(p, [](void* q) { cudaFreeAsync(q, stream()); });
 }
 
 void copy(void* dst, bool dst_on_device, const void* src, bool src_on_device, size_t bytes) {
   if (bytes == 0) return;
-  Runtime& rt = runtime();
-  MOXIN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, rt.stream_));
+  MOXIN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream()));
   // Host buffers are pageable and the caller may reuse them at once: finish before returning.
-  if (!dst_on_device || !src_on_device) MOXIN_CUDA_CHECK(cudaStreamSynchronize(rt.stream_));
+  if (!dst_on_device || !src_on_device) MOXIN_CUDA_CHECK(cudaStreamSynchronize(stream()));
 }
 
 void fill_zero(void* data, size_t bytes) {
   if (bytes == 0) return;
-  MOXIN_CUDA_CHECK(cudaMemsetAsync(data, 0, bytes, runtime().stream_));
+  MOXIN_CUDA_CHECK(cudaMemsetAsync(data, 0, bytes, stream()));
 }
 
-void synchronize() { MOXIN_CUDA_CHECK(cudaStreamSynchronize(runtime().stream_)); }
+void synchronize() { MOXIN_CUDA_CHECK(cudaStreamSynchronize(stream())); }
+
+void run_concurrently(const std::function<void()>& first, const std::function<void()>& second) {
+  // MOXIN_CUDA_SIDE_STREAM=0 runs them in turn (the baseline of the bench notes).
+  static const bool enabled = [] {
+    const char* v = std::getenv("MOXIN_CUDA_SIDE_STREAM");
+    return !(v && v[0] == '0');
+  }();
+  if (!enabled || g_current_stream || capturing()) {  // nested, or in a graph recording: in turn
+    first();
+    second();
+    return;
+  }
+  Runtime& rt = runtime();
+  rt.ensure_side_stream();
+  MOXIN_CUDA_CHECK(cudaEventRecord(rt.fork_, rt.stream_));
+  MOXIN_CUDA_CHECK(cudaStreamWaitEvent(rt.side_stream_, rt.fork_, 0));
+  // The main stream waits for the side stream's work however `second` ends, so nothing it
+  // enqueued (or freed) can outlive the call unordered.
+  struct Join {
+    Runtime& rt;
+    ~Join() {
+      g_current_stream = nullptr;
+      if (cudaEventRecord(rt.join_, rt.side_stream_) == cudaSuccess)
+        cudaStreamWaitEvent(rt.stream_, rt.join_, 0);
+    }
+  };
+  {
+    Join join{rt};
+    g_current_stream = rt.side_stream_;
+    second();  // enqueued first: its kernels start while `first` is still being enqueued
+    g_current_stream = nullptr;
+    first();
+  }
+}
 
 MemoryStats memory_stats() {
   Runtime& rt = runtime();

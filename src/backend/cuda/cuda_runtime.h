@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -17,6 +18,12 @@ std::shared_ptr<void> allocate(size_t bytes);  // device memory, freed when the 
 void copy(void* dst, bool dst_on_device, const void* src, bool src_on_device, size_t bytes);
 void fill_zero(void* data, size_t bytes);
 void synchronize();
+
+// Two independent pieces of work: `second` is enqueued on a side stream, then `first` on the
+// main one, so they overlap on the card (the two vision towers: neither fills it alone).
+// Whatever either produced is ordered before the main stream's later work. Nested calls and
+// calls inside a decode-graph recording run the two in turn.
+void run_concurrently(const std::function<void()>& first, const std::function<void()>& second);
 
 struct MemoryStats {
   size_t pool_reserved_peak = 0;  // high-water mark of the stream-ordered pool (weights too)
