@@ -11,7 +11,7 @@
 #        quick: tests, decode at every format with the tuner's log, 4-bit with the float
 #        kernels as the same-run baseline, decode counters and the kernel times of vision +
 #        prefill; ttft: tests, the bf16 bench and the kernel times of vision + prefill;
-#        attn: Nsight Compute counters of the prefill attention kernel, no tests)
+#        attn: tests, then Nsight Compute on the prefill attention kernel with its source view)
 set -uo pipefail
 what="${1:-all}"
 build="${2:-build-cuda2}"
@@ -36,7 +36,7 @@ if [[ $what != tests ]]; then
        >/tmp/gen_full.log 2>&1; echo "full: rc=$?" >>/tmp/gen_full.log) &
 fi
 if [[ $what == tests || $what == all || $what == profile || $what == final || $what == pdl ||
-      $what == quick || $what == ttft ]]; then
+      $what == quick || $what == ttft || $what == attn ]]; then
   for v in tiny-hf tiny-native tiny-f32 real-towers; do
     (python3 reference/make_checkpoints.py --variant "$v" --out "tests/fixtures/checkpoints/$v" \
        >"/tmp/gen_$v.log" 2>&1) &
@@ -91,17 +91,20 @@ if [[ $what != tests ]]; then
     exit 0
   fi
   if [[ $what == attn ]]; then
-    # Nsight Compute counters of the prefill attention kernel (decoder and tower calls).
-    # Launches 100-103 of the kernel: the warm-up forward's last two tower calls and its first
-    # two decoder calls.
-    timeout 300 ncu --kernel-name regex:flash_attention --launch-skip 100 --launch-count 4 \
-      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
-      --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
-      --section SourceCounters --section InstructionStats "$dist/moxin-vlm" bench --model /tmp/moxin-full --device cuda \
-      --prompt-tokens 24 --decode-tokens 2 >"$out/ncu_attention.txt" 2>&1
+    # Nsight Compute on the prefill attention kernel: launches 100-102 of it (the warm-up
+    # forward's last two tower calls, DINOv2's, and its first decoder call), every section, and
+    # the per-instruction stall samples of the source view.
+    timeout 400 ncu --kernel-name regex:flash_attention --launch-skip 100 --launch-count 3 \
+      --set full --import-source yes -f -o /tmp/attn "$dist/moxin-vlm" bench \
+      --model /tmp/moxin-full --device cuda --prompt-tokens 24 --decode-tokens 2 \
+      >"$out/ncu_attention_run.txt" 2>&1
     echo "ncu rc=$?"
-    grep -E "flash_attention|Duration|Throughput|Issue Slots|Occupancy|Registers Per|Warp Cycles|stall|Stall|Bank|bank|Shared" \
-      "$out/ncu_attention.txt" | head -120
+    ncu -i /tmp/attn.ncu-rep --page details >"$out/ncu_attention.txt" 2>&1
+    ncu -i /tmp/attn.ncu-rep --page source --csv --print-source sass \
+      >"$out/ncu_attention_sass.csv" 2>&1
+    echo "source page rc=$?"
+    grep -E "flash_attention|Duration|Issue Slots|Occupancy|Registers Per|Warp Cycles" \
+      "$out/ncu_attention.txt" | head -60
     pack
     exit 0
   fi

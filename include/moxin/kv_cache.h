@@ -105,8 +105,10 @@ class KVCache final : public KeyValueCache {
   void reset() override;
 
  private:
-  void prepare(const Tensor& keys, int64_t needed);  // buffers of keys' geometry, `needed` room
-  void grow(const Tensor& like, int64_t needed);  // room for `needed` positions, on like's device
+  // Buffers of the geometry [B, n_kv_heads, *, head_dim] on `device`, with `needed` positions
+  // of room.
+  void prepare(const Shape& geometry, Device device, int64_t needed);
+  void grow(const Shape& geometry, Device device, int64_t needed);
   int64_t step_;
   Tensor keys_, values_;          // [B, n_kv_heads, capacity, head_dim]
   int64_t offset_ = 0;            // the largest of offsets_ while they differ

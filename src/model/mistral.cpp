@@ -29,18 +29,18 @@ Tensor decoder_layer_forward(const DecoderLayer& layer, const Tensor& x_in, KeyV
   Tensor q = qkv[0].reshape({B, L, Hq, Dh});
   Tensor k = qkv[1].reshape({B, L, Hkv, Dh});
   Tensor v = qkv[2].reshape({B, L, Hkv, Dh});
-  Tensor attn;   // [B, L, Hq*Dh]
   if (ragged) {  // each sequence at its own position, attending over its own history
     ops::rope_inplace(q, ragged->at, config.rope_theta);
     ops::rope_inplace(k, ragged->at, config.rope_theta);
     const CachedKV history =
         cache.update_and_fetch_ragged(ops::heads_first(k), ops::heads_first(v), *ragged);
-    attn = ops::causal_attention(q, history, ragged->at, config.sliding_window);
+    const Tensor attn = ops::causal_attention(q, history, ragged->at, config.sliding_window);
+    ops::linear_accumulate(x, attn, layer.self_attn.o_proj);  // [B, L, Hq*Dh] -> residual
   } else {
     const CachedKV history = cache.rope_update_and_fetch(q, k, v, config.rope_theta);
-    attn = ops::causal_attention(q, history, offset, config.sliding_window);
+    ops::causal_attention_accumulate(x, q, history, offset, config.sliding_window,
+                                     layer.self_attn.o_proj);
   }
-  ops::linear_accumulate(x, attn, layer.self_attn.o_proj);
 
   ops::swiglu_mlp_accumulate(x, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj,
                              &layer.post_attention_layernorm);

@@ -24,9 +24,8 @@ void residual(Tensor& x, const Tensor& y, const Tensor& layer_scale) {
 
 Tensor block_forward(const ViTBlock& block, const Tensor& x_in, int64_t heads) {
   Tensor x = x_in;  // [B, T, D]
-  Tensor attn =
-      ops::self_attention_qkv(ops::layer_norm_linear(x, block.norm1, block.attn.qkv), heads);
-  residual(x, ops::linear(attn, block.attn.proj), block.ls1);
+  const Tensor qkv = ops::layer_norm_linear(x, block.norm1, block.attn.qkv);
+  residual(x, ops::self_attention_linear(qkv, heads, block.attn.proj), block.ls1);
   Tensor hidden = ops::layer_norm_linear(x, block.norm2, block.mlp.fc1);
   residual(x, ops::gelu_linear(hidden, block.mlp.fc2), block.ls2);
   return x;

@@ -242,6 +242,17 @@ void check_cache_matches(const Tensor& q, const CachedKV& kv) {
 
 }  // namespace
 
+Tensor self_attention_linear(const Tensor& qkv, int64_t heads, const Linear& proj) {
+  DISPATCH_CUDA(qkv, self_attention_linear(qkv, heads, proj));
+  return linear(self_attention_qkv(qkv, heads), proj);
+}
+
+void causal_attention_accumulate(Tensor& x, const Tensor& q, const CachedKV& kv,
+                                 int64_t q_offset, int64_t window, const Linear& o_proj) {
+  DISPATCH_CUDA(q, causal_attention_accumulate(x, q, kv, q_offset, window, o_proj));
+  linear_accumulate(x, causal_attention(q, kv, q_offset, window), o_proj);
+}
+
 Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window) {
   DISPATCH_CUDA(q, causal_attention(q, kv, q_offset, window));
   require_f32(q, "causal_attention");
@@ -501,14 +512,14 @@ void write_positions_pair(Tensor& keys, const Tensor& new_keys, Tensor& values,
 void rope_write_pair(Tensor& queries, Tensor& keys, const Tensor& new_keys, Tensor& values,
                      const Tensor& new_values, int64_t at, float theta) {
   DISPATCH_CUDA(keys, rope_write_pair(queries, keys, new_keys, values, new_values, at, theta));
-  if (new_keys.ndim() != 4 || new_keys.dim(2) != 1)
-    throw_error(ErrorKind::Compute, "rope_write_pair: expected keys [B, H, 1, D], got " +
-                                        shape_to_string(new_keys.shape()));
-  // One position: [B, H, 1, D] and [B, 1, H, D] are the same bytes.
-  Tensor rotated = new_keys.clone().reshape(
-      {new_keys.dim(0), 1, new_keys.dim(1), new_keys.dim(3)});
+  if (new_keys.ndim() != 4 || new_values.shape() != new_keys.shape() || queries.ndim() != 4 ||
+      queries.dim(0) != new_keys.dim(0) || queries.dim(1) != new_keys.dim(1))
+    throw_error(ErrorKind::Compute, "rope_write_pair: queries " + shape_to_string(queries.shape()) +
+                                        " and keys " + shape_to_string(new_keys.shape()) +
+                                        " are not [B, L, H, D] of one B and L");
+  Tensor rotated = new_keys.clone();
   rope_inplace_pair(queries, rotated, at, theta);
-  write_positions_pair(keys, rotated.reshape(new_keys.shape()), values, new_values, at);
+  write_positions_pair(keys, heads_first(rotated), values, heads_first(new_values), at);
 }
 
 void run_concurrently(Device device, const std::function<void()>& first,

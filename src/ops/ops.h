@@ -51,6 +51,12 @@ Tensor self_attention_qkv(const Tensor& qkv, int64_t heads);
 // (keys/values [B, Hkv, capacity, Dh], `length` valid), causal, limited to `window` positions
 // when window > 0 -> [B, Lq, Hq * Dh].
 Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window);
+// Attention and the product that reads it: linear(self_attention_qkv(qkv, heads), proj), and
+// x += linear(causal_attention(q, kv, q_offset, window), o_proj). On a GPU prefill the
+// attention kernel writes the product's bf16 input itself.
+Tensor self_attention_linear(const Tensor& qkv, int64_t heads, const Linear& proj);
+void causal_attention_accumulate(Tensor& x, const Tensor& q, const CachedKV& kv,
+                                 int64_t q_offset, int64_t window, const Linear& o_proj);
 // In place on x [B, L, H, Dh]: rotate-half RoPE at positions offset..offset+L-1.
 void rope_inplace(Tensor& x, int64_t offset, float theta);
 // The same on queries [B, L, Hq, Dh] and keys [B, L, Hkv, Dh] (one launch on a GPU).
@@ -60,9 +66,9 @@ void write_positions(Tensor& dst, const Tensor& src, int64_t at);
 // Both halves of a KV append (keys and values of one geometry) at once (one launch on a GPU).
 void write_positions_pair(Tensor& keys, const Tensor& new_keys, Tensor& values,
                           const Tensor& new_values, int64_t at);
-// One decode position's RoPE and KV append together (one launch on a GPU): queries
-// [B, 1, Hq, D] rotated in place, new_keys [B, Hkv, 1, D] stored rotated and new_values as
-// they are, at position `at` of the caches [B, Hkv, capacity, D].
+// RoPE and the KV append of L positions together (one launch on a GPU): queries [B, L, Hq, D]
+// rotated in place, new_keys [B, L, Hkv, D] (as projected: no heads-first copy) stored rotated
+// and new_values as they are, at positions at.. of the caches [B, Hkv, capacity, D].
 void rope_write_pair(Tensor& queries, Tensor& keys, const Tensor& new_keys, Tensor& values,
                      const Tensor& new_values, int64_t at, float theta);
 

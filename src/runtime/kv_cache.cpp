@@ -18,9 +18,7 @@ void check_pair(const Tensor& keys, const Tensor& values) {
                                         " must be float32 [B, n_kv_heads, L, head_dim]");
 }
 
-void check_compatible(const Tensor& held, const Tensor& incoming) {
-  const Shape& a = held.shape();
-  const Shape& b = incoming.shape();
+void check_compatible(const Shape& a, const Shape& b) {
   if (a[0] != b[0] || a[1] != b[1] || a[3] != b[3])
     throw_error(ErrorKind::Compute, "KV cache holds " + shape_to_string(a) + " but the update is " +
                                         shape_to_string(b));
@@ -116,7 +114,7 @@ CachedKV ConcatKeyValueCache::update_and_fetch(const Tensor& keys, const Tensor&
     keys_ = keys.clone();
     values_ = values.clone();
   } else {
-    check_compatible(keys_, keys);
+    check_compatible(keys_.shape(), keys.shape());
     keys_ = ops::concat({keys_, keys}, 2);
     values_ = ops::concat({values_, values}, 2);
   }
@@ -128,7 +126,7 @@ CachedKV ConcatKeyValueCache::update_and_fetch_ragged(const Tensor& keys, const 
                                                       const RaggedAppend& append) {
   check_pair(keys, values);
   const int64_t B = keys.dim(0), L = keys.dim(2);
-  if (keys_.defined() && offset_ > 0) check_compatible(keys_, keys);
+  if (keys_.defined() && offset_ > 0) check_compatible(keys_.shape(), keys.shape());
   check_append(append, current_offsets(offsets_, offset_, B), L);
   if (!keys_.defined() || offset_ == 0) {  // nothing to keep (fresh, or reset)
     keys_ = Tensor::zeros({B, keys.dim(1), 0, keys.dim(3)}, DType::F32, keys.device());
@@ -155,12 +153,12 @@ void ConcatKeyValueCache::reset() {
   offsets_.clear();
 }
 
-void KVCache::grow(const Tensor& like, int64_t needed) {
+void KVCache::grow(const Shape& geometry, Device device, int64_t needed) {
   const int64_t steps = (needed + step_ - 1) / step_;
   const int64_t capacity = steps * step_;
-  const Shape shape = {like.dim(0), like.dim(1), capacity, like.dim(3)};
-  Tensor keys = Tensor::zeros(shape, DType::F32, like.device());
-  Tensor values = Tensor::zeros(shape, DType::F32, like.device());
+  const Shape shape = {geometry[0], geometry[1], capacity, geometry[3]};
+  Tensor keys = Tensor::zeros(shape, DType::F32, device);
+  Tensor values = Tensor::zeros(shape, DType::F32, device);
   if (keys_.defined() && offset_ > 0) {
     // Only the valid prefix of each head moves; the rest of the old buffer is unused room.
     // (With ragged offsets offset_ is the largest: every sequence's history is inside it.)
@@ -172,18 +170,18 @@ void KVCache::grow(const Tensor& like, int64_t needed) {
   capacity_ = capacity;
 }
 
-void KVCache::prepare(const Tensor& keys, int64_t needed) {
+void KVCache::prepare(const Shape& geometry, Device device, int64_t needed) {
   if (step_ <= 0) throw_error(ErrorKind::Compute, "KV cache step must be positive");
   if (keys_.defined() && offset_ == 0) {
     // After reset() the buffers are reused only for sequences of the same geometry.
     const Shape& held = keys_.shape();
-    if (held[0] != keys.dim(0) || held[1] != keys.dim(1) || held[3] != keys.dim(3)) {
+    if (held[0] != geometry[0] || held[1] != geometry[1] || held[3] != geometry[3]) {
       keys_ = values_ = Tensor();
       capacity_ = 0;
     }
   }
-  if (keys_.defined()) check_compatible(keys_, keys);
-  if (!keys_.defined() || needed > capacity_) grow(keys, needed);
+  if (keys_.defined()) check_compatible(keys_.shape(), geometry);
+  if (!keys_.defined() || needed > capacity_) grow(geometry, device, needed);
 }
 
 CachedKV KVCache::update_and_fetch(const Tensor& keys, const Tensor& values) {
@@ -191,7 +189,7 @@ CachedKV KVCache::update_and_fetch(const Tensor& keys, const Tensor& values) {
   if (!offsets_.empty())  // sequences at different positions: each appends at its own
     return update_and_fetch_ragged(keys, values, uniform_append(offsets_, keys.dim(2)));
   const int64_t needed = offset_ + keys.dim(2);
-  prepare(keys, needed);
+  prepare(keys.shape(), keys.device(), needed);
   ops::write_positions_pair(keys_, keys, values_, values, offset_);
   offset_ = needed;
   return {keys_, values_, offset_};
@@ -199,13 +197,13 @@ CachedKV KVCache::update_and_fetch(const Tensor& keys, const Tensor& values) {
 
 CachedKV KVCache::rope_update_and_fetch(Tensor& queries, Tensor& keys, const Tensor& values,
                                         float theta) {
-  if (!offsets_.empty() || keys.ndim() != 4 || keys.dim(1) != 1)
+  if (!offsets_.empty() || keys.ndim() != 4)
     return KeyValueCache::rope_update_and_fetch(queries, keys, values, theta);
-  const Tensor k = ops::heads_first(keys), v = ops::heads_first(values);
-  check_pair(k, v);
-  prepare(k, offset_ + 1);
-  ops::rope_write_pair(queries, keys_, k, values_, v, offset_, theta);
-  offset_ += 1;
+  check_pair(keys, values);  // [B, L, n_kv_heads, head_dim] here, as projected
+  const int64_t L = keys.dim(1);
+  prepare({keys.dim(0), keys.dim(2), L, keys.dim(3)}, keys.device(), offset_ + L);
+  ops::rope_write_pair(queries, keys_, keys, values_, values, offset_, theta);
+  offset_ += L;
   return {keys_, values_, offset_};
 }
 
@@ -213,11 +211,11 @@ CachedKV KVCache::update_and_fetch_ragged(const Tensor& keys, const Tensor& valu
                                           const RaggedAppend& append) {
   check_pair(keys, values);
   const int64_t B = keys.dim(0), L = keys.dim(2);
-  if (keys_.defined() && offset_ > 0) check_compatible(keys_, keys);
+  if (keys_.defined() && offset_ > 0) check_compatible(keys_.shape(), keys.shape());
   check_append(append, current_offsets(offsets_, offset_, B), L);
   // Every sequence writes all L rows (padding included) from its own offset.
   const int64_t end = furthest(append.at.host, L);
-  prepare(keys, end);
+  prepare(keys.shape(), keys.device(), end);
   ops::write_positions(keys_, keys, append.at);
   ops::write_positions(values_, values, append.at);
   store_offsets(offsets_after(append), offset_, offsets_);

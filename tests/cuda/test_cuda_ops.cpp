@@ -359,9 +359,10 @@ TEST(CudaOps, AccumulatingProductsMatchCpu) {
 TEST(CudaOps, ProducersWritingBf16InputsMatchCpu) {
   MOXIN_SKIP_WITHOUT_GPU();
   uint32_t seed = 900;
-  auto layers = [&](int64_t N, int64_t K, int bits, Linear& reference, Linear& layer) {
+  auto layers = [&](int64_t N, int64_t K, int bits, Linear& reference, Linear& layer,
+                    bool biased = true) {
     const Tensor w = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
-    const Tensor b = random_tensor({N}, ++seed);
+    const Tensor b = biased ? random_tensor({N}, ++seed) : Tensor();
     if (bits == 0) {
       reference = Linear{w, b, nullptr};
       layer = Linear{gpu(w), gpu(b), nullptr};
@@ -386,15 +387,39 @@ TEST(CudaOps, ProducersWritingBf16InputsMatchCpu) {
       expect_close(ops::gelu_linear(hg, gpu1), ops::gelu_linear(h, ref1), tol,
                    "gelu_linear " + what);
 
-      layers(704, 1088, bits, ref1, gpu1);  // gate
-      layers(704, 1088, bits, ref2, gpu2);  // up
-      layers(1088, 704, bits, ref3, gpu3);  // down
-      const RMSNorm rms{random_tensor({1088}, ++seed), 1e-5f};
-      const RMSNorm rms_gpu{gpu(rms.weight), rms.eps};
-      Tensor expected = x.clone(), y = gpu(x);
-      ops::swiglu_mlp_accumulate(expected, ref1, ref2, ref3, &rms);
-      ops::swiglu_mlp_accumulate(y, gpu1, gpu2, gpu3, &rms_gpu);
-      expect_close(y, expected, tol, "swiglu_mlp_accumulate " + what);
+      // Attention writing the bf16 input of the product after it: a tower's (16 heads of 72)
+      // and the decoder's (grouped queries over a cache, 5 positions already in it).
+      layers(1088, 1152, bits, ref1, gpu1);
+      const Tensor qkv = random_tensor({1, M, 3 * 1152}, ++seed);
+      expect_close(ops::self_attention_linear(gpu(qkv), 16, gpu1),
+                   ops::self_attention_linear(qkv, 16, ref1), tol, "self_attention_linear " + what);
+      layers(1088, 1024, bits, ref1, gpu1);
+      const Tensor q = random_tensor({1, M, 8, 128}, ++seed);
+      const Tensor keys = random_tensor({1, 2, M + 8, 128}, ++seed);
+      const Tensor values = random_tensor({1, 2, M + 8, 128}, ++seed);
+      Tensor attended = x.clone(), attended_gpu = gpu(x);
+      ops::causal_attention_accumulate(attended, q, CachedKV{keys, values, M + 5}, 5, 0, ref1);
+      ops::causal_attention_accumulate(attended_gpu, gpu(q),
+                                       CachedKV{gpu(keys), gpu(values), M + 5}, 5, 0, gpu1);
+      expect_close(attended_gpu, attended, tol, "causal_attention_accumulate " + what);
+
+      // Bias-free gate and up (the decoder's: their products write bf16; an inner width of 700,
+      // bf16 only as it is no multiple of the group size, leaves the 8-wide SiLU kernel a
+      // remainder), then biased ones.
+      for (const auto& [inner, biased] : {std::pair{704, false}, {700, false}, {704, true}}) {
+        if (bits && inner % 64) continue;
+        layers(inner, 1088, bits, ref1, gpu1, biased);  // gate
+        layers(inner, 1088, bits, ref2, gpu2, biased);  // up
+        layers(1088, inner, bits, ref3, gpu3);          // down
+        const RMSNorm rms{random_tensor({1088}, ++seed), 1e-5f};
+        const RMSNorm rms_gpu{gpu(rms.weight), rms.eps};
+        Tensor expected = x.clone(), y = gpu(x);
+        ops::swiglu_mlp_accumulate(expected, ref1, ref2, ref3, &rms);
+        ops::swiglu_mlp_accumulate(y, gpu1, gpu2, gpu3, &rms_gpu);
+        expect_close(y, expected, tol,
+                     "swiglu_mlp_accumulate " + what + " inner " + std::to_string(inner) +
+                         (biased ? " biased" : ""));
+      }
     }
 }
 
@@ -529,31 +554,35 @@ TEST(CudaOps, PairedKvWriteMatchesCpu) {
   }
 }
 
-// One decode position's RoPE and KV append in one launch, against the CPU op (itself checked
-// against rotating first), at odd head counts and positions inside a larger cache.
+// RoPE and the KV append of one (decode) or several (prefill) positions in one launch, against
+// the CPU op (itself checked against rotating first), at odd head counts and positions inside
+// a larger cache.
 TEST(CudaOps, RopeFoldedIntoTheKvAppendMatchesCpu) {
   MOXIN_SKIP_WITHOUT_GPU();
   uint32_t seed = 1100;
   for (int64_t Dh : {6, 128}) {
-    for (int64_t at : {0, 37}) {
-      const Tensor q = random_tensor({2, 1, 5, Dh}, ++seed);
-      const Tensor k = random_tensor({2, 3, 1, Dh}, ++seed);
-      const Tensor v = random_tensor({2, 3, 1, Dh}, ++seed);
-      const Tensor keys0 = random_tensor({2, 3, 41, Dh}, ++seed);
-      const Tensor values0 = random_tensor({2, 3, 41, Dh}, ++seed);
-      Tensor qc = q.clone(), kc = keys0.clone(), vc = values0.clone();
-      ops::rope_write_pair(qc, kc, k, vc, v, at, 10000.0f);
-      Tensor qg = gpu(q), kg = gpu(keys0), vg = gpu(values0);
-      ops::rope_write_pair(qg, kg, gpu(k), vg, gpu(v), at, 10000.0f);
-      const std::string what = "Dh " + std::to_string(Dh) + " at " + std::to_string(at);
-      expect_close(qg, qc, 1e-6, what + " queries");
-      expect_close(kg, kc, 1e-6, what + " keys");
-      expect_close(vg, vc, 0.0, what + " values");
+    for (int64_t L : {1, 5}) {
+      for (int64_t at : {int64_t(0), 36 - L + 1}) {
+        const Tensor q = random_tensor({2, L, 11, Dh}, ++seed);  // 14 heads: groups of 8 and 6
+        const Tensor k = random_tensor({2, L, 3, Dh}, ++seed);
+        const Tensor v = random_tensor({2, L, 3, Dh}, ++seed);
+        const Tensor keys0 = random_tensor({2, 3, 41, Dh}, ++seed);
+        const Tensor values0 = random_tensor({2, 3, 41, Dh}, ++seed);
+        Tensor qc = q.clone(), kc = keys0.clone(), vc = values0.clone();
+        ops::rope_write_pair(qc, kc, k, vc, v, at, 10000.0f);
+        Tensor qg = gpu(q), kg = gpu(keys0), vg = gpu(values0);
+        ops::rope_write_pair(qg, kg, gpu(k), vg, gpu(v), at, 10000.0f);
+        const std::string what =
+            "Dh " + std::to_string(Dh) + " L " + std::to_string(L) + " at " + std::to_string(at);
+        expect_close(qg, qc, 1e-6, what + " queries");
+        expect_close(kg, kc, 1e-6, what + " keys");
+        expect_close(vg, vc, 0.0, what + " values");
+      }
     }
   }
   Tensor q = gpu(random_tensor({1, 1, 4, 8}, 1)), keys = gpu(random_tensor({1, 2, 4, 8}, 2));
   Tensor values = keys.clone();
-  const Tensor k = gpu(random_tensor({1, 2, 1, 8}, 3));
+  const Tensor k = gpu(random_tensor({1, 1, 2, 8}, 3));
   EXPECT_THROW(ops::rope_write_pair(q, keys, k, values, k, 4, 10000.0f), Error);  // past the end
 }
 

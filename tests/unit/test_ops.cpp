@@ -201,6 +201,18 @@ TEST(FusedOps, EqualTheOpsTheyCombine) {
   ops::swiglu_mlp_accumulate(y, gate, up, down, &rms);
   ops::linear_accumulate(expected, ops::swiglu_linear(x, gate, up, &rms), down);
   EXPECT_EQ(y.to_vector(), expected.to_vector());
+
+  const Tensor qkv = random_tensor({2, 5, 3 * 48}, 41);
+  const Linear proj{random_tensor({48, 48}, 42), random_tensor({48}, 43), nullptr};
+  EXPECT_EQ(ops::self_attention_linear(qkv, 4, proj).to_vector(),
+            ops::linear(ops::self_attention_qkv(qkv, 4), proj).to_vector());
+  const Tensor q = random_tensor({2, 5, 4, 12}, 44);
+  const Tensor keys = random_tensor({2, 2, 9, 12}, 45), values = random_tensor({2, 2, 9, 12}, 46);
+  const CachedKV history{keys, values, 7};
+  Tensor z = x.clone(), z_expected = x.clone();
+  ops::causal_attention_accumulate(z, q, history, 2, 0, proj);
+  ops::linear_accumulate(z_expected, ops::causal_attention(q, history, 2, 0), proj);
+  EXPECT_EQ(z.to_vector(), z_expected.to_vector());
 }
 
 TEST(Rope, RotateHalfAtPositions) {

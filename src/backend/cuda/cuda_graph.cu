@@ -82,7 +82,7 @@ int32_t argmax_last(const Tensor& logits) {
 
 // ---------------------------------------------------------------------------------------------
 
-void StaticKVCache::prepare(const Tensor& keys, const Tensor& values) {
+void StaticKVCache::prepare(const Tensor& keys, const Tensor& values, const Shape& geometry) {
   if (keys.ndim() != 4 || keys.shape() != values.shape() || keys.dtype() != DType::F32 ||
       keys.device() != Device::CUDA || values.device() != Device::CUDA)
     throw_error(ErrorKind::Compute, "static KV cache: keys and values must be float32 "
@@ -90,20 +90,20 @@ void StaticKVCache::prepare(const Tensor& keys, const Tensor& values) {
   if (!keys_.defined()) {
     if (capturing())
       throw_error(ErrorKind::Compute, "static KV cache: run the prefill before recording a step");
-    const Shape shape = {keys.dim(0), keys.dim(1), capacity_, keys.dim(3)};
+    const Shape shape = {geometry[0], geometry[1], capacity_, geometry[3]};
     keys_ = Tensor::zeros(shape, DType::F32, Device::CUDA);
     values_ = Tensor::zeros(shape, DType::F32, Device::CUDA);
   }
-  if (keys.dim(0) != keys_.dim(0) || keys.dim(1) != keys_.dim(1) || keys.dim(3) != keys_.dim(3))
+  if (geometry[0] != keys_.dim(0) || geometry[1] != keys_.dim(1) || geometry[3] != keys_.dim(3))
     throw_error(ErrorKind::Compute, "static KV cache holds " + shape_to_string(keys_.shape()) +
-                                        " but the update is " + shape_to_string(keys.shape()));
-  if (offset_ + keys.dim(2) > capacity_)
+                                        " but the update is " + shape_to_string(geometry));
+  if (offset_ + geometry[2] > capacity_)
     throw_error(ErrorKind::Request, "KV cache capacity of " + std::to_string(capacity_) +
                                         " positions exceeded");
 }
 
 CachedKV StaticKVCache::update_and_fetch(const Tensor& keys, const Tensor& values) {
-  prepare(keys, values);
+  prepare(keys, values, keys.shape());
   ops::write_positions_pair(keys_, keys, values_, values, offset_);
   offset_ += keys.dim(2);
   return {keys_, values_, offset_};
@@ -111,12 +111,11 @@ CachedKV StaticKVCache::update_and_fetch(const Tensor& keys, const Tensor& value
 
 CachedKV StaticKVCache::rope_update_and_fetch(Tensor& queries, Tensor& keys, const Tensor& values,
                                               float theta) {
-  if (keys.ndim() != 4 || keys.dim(1) != 1)
-    return KeyValueCache::rope_update_and_fetch(queries, keys, values, theta);
-  const Tensor k = ops::heads_first(keys), v = ops::heads_first(values);
-  prepare(k, v);
-  ops::rope_write_pair(queries, keys_, k, values_, v, offset_, theta);
-  offset_ += 1;
+  if (keys.ndim() != 4) return KeyValueCache::rope_update_and_fetch(queries, keys, values, theta);
+  // keys and values [B, L, n_kv_heads, head_dim], as projected
+  prepare(keys, values, {keys.dim(0), keys.dim(2), keys.dim(1), keys.dim(3)});
+  ops::rope_write_pair(queries, keys_, keys, values_, values, offset_, theta);
+  offset_ += keys.dim(1);
   return {keys_, values_, offset_};
 }
 

@@ -37,7 +37,8 @@ class StaticKVCache final : public KeyValueCache {
   void rewind(int64_t offset) { offset_ = offset < offset_ ? offset : offset_; }
 
  private:
-  void prepare(const Tensor& keys, const Tensor& values);  // storage, checks, room for keys
+  // Storage, checks, room for an update of `geometry` [B, n_kv_heads, L, head_dim].
+  void prepare(const Tensor& keys, const Tensor& values, const Shape& geometry);
 
   int64_t capacity_;
   Tensor keys_, values_;  // [B, n_kv_heads, capacity, head_dim]

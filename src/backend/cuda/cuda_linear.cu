@@ -375,14 +375,15 @@ struct GemmPlan {
   bool fused_bias = false;
 };
 
-using PlanKey = std::tuple<int64_t, int64_t, int64_t, int, bool>;
+using PlanKey = std::tuple<int64_t, int64_t, int64_t, int, bool, int>;
 
 // Plans live for the process: one per shape seen (a model has a few dozen).
-GemmPlan* find_plan(int64_t M, int64_t N, int64_t K, cudaDataType type, bool bias) {
+GemmPlan* find_plan(int64_t M, int64_t N, int64_t K, cudaDataType type, bool bias,
+                    cudaDataType out_type) {
   static std::mutex mutex;
   static std::map<PlanKey, GemmPlan> plans;
   std::lock_guard<std::mutex> lock(mutex);
-  const PlanKey key{M, N, K, int(type), bias};
+  const PlanKey key{M, N, K, int(type), bias, int(out_type)};
   auto it = plans.find(key);
   if (it != plans.end()) return &it->second;
 
@@ -408,7 +409,7 @@ GemmPlan* find_plan(int64_t M, int64_t N, int64_t K, cudaDataType type, bool bia
     MOXIN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, type, uint64_t(K), uint64_t(N), K));
     MOXIN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, type, uint64_t(K), uint64_t(M), K));
     MOXIN_CUBLAS_CHECK(
-        cublasLtMatrixLayoutCreate(&plan.c, CUDA_R_32F, uint64_t(N), uint64_t(M), N));
+        cublasLtMatrixLayoutCreate(&plan.c, out_type, uint64_t(N), uint64_t(M), N));
     cublasLtMatmulPreference_t pref = nullptr;
     MOXIN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     MOXIN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
@@ -437,7 +438,7 @@ GemmPlan* find_plan(int64_t M, int64_t N, int64_t K, cudaDataType type, bool bia
 // `accumulate` (cuBLASLt reads y as C with beta = 1: no temporary, no separate add).
 void gemm(const void* w, const void* x, cudaDataType type, int64_t M, int64_t N, int64_t K,
           const float* bias, float* y, bool accumulate = false) {
-  GemmPlan* plan = find_plan(M, N, K, type, bias != nullptr);
+  GemmPlan* plan = find_plan(M, N, K, type, bias != nullptr, CUDA_R_32F);
   if (plan->fused_bias)
     MOXIN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(
         plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
@@ -451,6 +452,18 @@ void gemm(const void* w, const void* x, cudaDataType type, int64_t M, int64_t N,
     add_bias_kernel<<<blocks_for(M * N, 256), 256, 0, stream()>>>(y, bias, M * N, N);
     MOXIN_LAUNCH_CHECK();
   }
+}
+
+// y [M, N] bf16 = x W^T for bf16 x and weights, no bias: products whose outputs only feed an
+// element-wise kernel (SwiGLU's gate and up), which then reads half the bytes.
+void gemm_bf16_out(const void* w, const void* x, int64_t M, int64_t N, int64_t K, void* y) {
+  GemmPlan* plan = find_plan(M, N, K, CUDA_R_16BF, false, CUDA_R_16BF);
+  size_t workspace_bytes = 0;
+  void* workspace = cublaslt_workspace(&workspace_bytes);
+  const float alpha = 1.0f, beta = 0.0f;
+  MOXIN_CUBLAS_CHECK(cublasLtMatmul(cublaslt(), plan->desc, &alpha, w, plan->a, x, plan->b, &beta,
+                                    y, plan->c, y, plan->c, &plan->algo, workspace,
+                                    workspace_bytes, stream()));
 }
 
 template <class T>
@@ -1563,6 +1576,25 @@ void linear_from_bf16(const Tensor& xb, const Linear& layer, Tensor& y, bool acc
   gemm(layer.quantized ? dense.raw() : layer.weight.raw(), xb.raw(), CUDA_R_16BF, M, N, K,
        layer.bias.defined() ? layer.bias.data<float>() : nullptr, y.data_mut<float>(),
        accumulate);
+}
+
+std::vector<Tensor> products_bf16_out(const Tensor& x, const std::vector<const Linear*>& layers,
+                                      const RMSNorm& norm) {
+  const int64_t K = x.dim(-1), M = x.numel() / K;
+  const Tensor xb = rms_norm_bf16(x, norm);
+  std::vector<Tensor> out;
+  for (const Linear* l : layers) {
+    if (!takes_bf16_rows(*l, M, K) || l->bias.defined())
+      throw_error(ErrorKind::Compute, "linear: no bf16-output product for this layer");
+    Shape shape = x.shape();
+    shape.back() = l->out_features();
+    Tensor y = Tensor::empty(shape, DType::BF16, Device::CUDA);
+    const Tensor dense = l->quantized ? dequantized_bf16(*l->quantized) : Tensor();
+    gemm_bf16_out(l->quantized ? dense.raw() : l->weight.raw(), xb.raw(), M, l->out_features(), K,
+                  y.raw_mut());
+    out.push_back(std::move(y));
+  }
+  return out;
 }
 
 std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const Linear*>& layers,

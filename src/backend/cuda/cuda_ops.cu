@@ -204,14 +204,43 @@ __global__ void gelu_kernel(const float* x, int64_t n, T* out) {
     store_out(out, i, gelu(x[i]));
 }
 
-template <class T>
-__global__ void silu_mul_kernel(const float* __restrict__ g, const float* __restrict__ u,
-                                T* __restrict__ out, int64_t n) {
+__device__ __forceinline__ float load_in(const float* x, int64_t i) { return x[i]; }
+__device__ __forceinline__ float load_in(const __nv_bfloat16* x, int64_t i) {
+  return __bfloat162float(x[i]);
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// SiLU(gate) * up for bf16 gate, up and output, 8 elements (16 bytes) per thread and step.
+__global__ void silu_mul_bf16x8_kernel(const uint4* __restrict__ g, const uint4* __restrict__ u,
+                                       uint4* __restrict__ out, int64_t n8) {
+  pdl_wait();
+  pdl_trigger();
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n8;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const uint4 gv = g[i], uv = u[i];
+    const auto* gp = reinterpret_cast<const __nv_bfloat162*>(&gv);
+    const auto* up = reinterpret_cast<const __nv_bfloat162*>(&uv);
+    uint4 result;
+    auto* rp = reinterpret_cast<__nv_bfloat162*>(&result);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 gf = __bfloat1622float2(gp[j]), uf = __bfloat1622float2(up[j]);
+      rp[j] = __floats2bfloat162_rn(silu(gf.x) * uf.x, silu(gf.y) * uf.y);
+    }
+    out[i] = result;
+  }
+}
+
+template <class In, class Out>
+__global__ void silu_mul_kernel(const In* __restrict__ g, const In* __restrict__ u,
+                                Out* __restrict__ out, int64_t n) {
   pdl_wait();
   pdl_trigger();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    store_out(out, i, g[i] / (1.0f + expf(-g[i])) * u[i]);
+       i += int64_t(gridDim.x) * blockDim.x) {
+    store_out(out, i, silu(load_in(g, i)) * load_in(u, i));
+  }
 }
 
 // x[i] += y[i % ny]: y of x's shape, or a trailing part repeated.
@@ -343,39 +372,50 @@ __global__ void rope_kernel(float* x, int64_t B, int64_t L, int64_t H, int64_t D
   }
 }
 
-// One decode position's RoPE and KV append in one launch: queries [B, 1, Hq, Dh] rotated in
-// place; keys [B, Hkv, 1, Dh] rotated into the key cache and values copied into the value cache
-// at position at (+ delta), caches [B, Hkv, capacity, Dh]. Same angles as rope_kernel.
+// RoPE and the KV append of L positions in one launch: queries [B, L, Hq, Dh] rotated in
+// place; keys [B, L, Hkv, Dh] rotated into the key cache and values copied into the value cache
+// at positions at (+ delta) + l, caches [B, Hkv, capacity, Dh]. Same angles as rope_kernel.
+// Thread i takes frequency f of kRopeHeads heads of one (b, l) position, the heads running q's
+// then k's: one sincos serves them all (per element, the sincos dominated a prefill's launch).
+constexpr int kRopeHeads = 8;
+
 __global__ void rope_append_kernel(float* __restrict__ q, const float* __restrict__ k,
                                    const float* __restrict__ v, float* __restrict__ keys,
-                                   float* __restrict__ values, int64_t B, int64_t Hq, int64_t Hkv,
-                                   int64_t Dh, int64_t capacity, int64_t at, const int* delta,
+                                   float* __restrict__ values, int64_t B, int L, int Hq, int Hkv,
+                                   int Dh, int64_t capacity, int64_t at, const int* delta,
                                    const float* __restrict__ inv_freqs) {
   pdl_wait();
   pdl_trigger();
-  const int64_t half = Dh / 2, heads = Hq + Hkv, n = B * heads * half;
-  const int64_t pos = at + delta_of(delta);
+  const int half = Dh / 2, heads = Hq + Hkv, head_groups = (heads + kRopeHeads - 1) / kRopeHeads;
+  const int64_t n = B * L * head_groups * half;
+  const int64_t first = at + delta_of(delta);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t f = i % half, row = i / half;
-    const int64_t b = row / heads, h = row % heads;
+    const int f = int(i % half);
+    const int64_t row = i / half;  // (b * L + l) * head_groups + group
+    const int group = int(row % head_groups);
+    const int64_t token = row / head_groups;  // b * L + l
+    const int64_t b = token / L, pos = first + token % L;
     float s, c;
     sincosf(float(pos) * inv_freqs[f], &s, &c);
-    if (h < Hq) {
-      float* x = q + (b * Hq + h) * Dh;
-      const float x0 = x[f], x1 = x[f + half];
-      x[f] = x0 * c - x1 * s;
-      x[f + half] = x1 * c + x0 * s;
-    } else {
-      const int64_t head = b * Hkv + (h - Hq);
-      const float* src = k + head * Dh;
-      float* dst = keys + (head * capacity + pos) * Dh;
-      const float k0 = src[f], k1 = src[f + half];
-      dst[f] = k0 * c - k1 * s;
-      dst[f + half] = k1 * c + k0 * s;
-      float* vdst = values + (head * capacity + pos) * Dh;
-      vdst[f] = v[head * Dh + f];
-      vdst[f + half] = v[head * Dh + f + half];
+#pragma unroll
+    for (int j = 0; j < kRopeHeads; ++j) {
+      const int h = group * kRopeHeads + j;
+      if (h >= heads) break;
+      if (h < Hq) {
+        float* x = q + (token * Hq + h) * Dh;
+        const float x0 = x[f], x1 = x[f + half];
+        x[f] = x0 * c - x1 * s;
+        x[f + half] = x1 * c + x0 * s;
+      } else {
+        const int64_t src_row = (token * Hkv + (h - Hq)) * Dh;
+        const int64_t dst_row = ((b * Hkv + (h - Hq)) * capacity + pos) * Dh;
+        const float k0 = k[src_row + f], k1 = k[src_row + f + half];
+        keys[dst_row + f] = k0 * c - k1 * s;
+        keys[dst_row + f + half] = k1 * c + k0 * s;
+        values[dst_row + f] = v[src_row + f];
+        values[dst_row + f + half] = v[src_row + f + half];
+      }
     }
   }
 }
@@ -404,6 +444,8 @@ struct AttnArgs {
   const float* k;
   const float* v;
   float* out;
+  // Set instead of `out` by prefills whose output feeds a bf16 product (tensor-core kernel only).
+  __nv_bfloat16* out_bf16;
   int64_t Lq, Lk, Hq, Hkv, Dh;
   int64_t q_row, kv_row, kv_head, out_row;  // strides in floats
   int64_t q_batch, kv_batch, out_batch;
@@ -512,6 +554,15 @@ __device__ __forceinline__ void mma_3xbf16(float (&c)[4], const uint32_t (&a_hi)
   mma_bf16(c, a_hi, bh0, bh1);
 }
 
+// Four 8 x 8 bf16 matrices, lane l addressing row l % 8 of matrix l / 8: thread (g, t) gets
+// row g, columns 2t and 2t + 1 of each.
+__device__ __forceinline__ void ldmatrix_x4(const __nv_bfloat16* row, uint32_t (&b)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+               : "r"(uint32_t(__cvta_generic_to_shared(row)))
+               : "memory");
+}
+
 // B fragments of two adjacent 8-column tiles from a row-major [k][n] bf16 tile: lanes 0-15
 // address rows 0-15 at column n0, lanes 16-31 the same rows at n0 + 8.
 __device__ __forceinline__ void ldmatrix_x4_trans(const __nv_bfloat16* row, uint32_t (&b)[4]) {
@@ -519,6 +570,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(const __nv_bfloat16* row, uint
                : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
                : "r"(uint32_t(__cvta_generic_to_shared(row)))
                : "memory");
+}
+
+__device__ __forceinline__ void store_attention_out(const AttnArgs& a, int64_t i, float v) {
+  if (a.out_bf16) {
+    a.out_bf16[i] = __float2bfloat16(v);
+  } else {
+    a.out[i] = v;
+  }
 }
 
 // One tile of the four planes into a shared-memory stage, 16 bytes per copy; `src` points at
@@ -587,16 +646,31 @@ __global__ void __launch_bounds__(Shape::kThreads)
       q_valid[r] = row < Lq;
       q_rows[r] = a.q + b * a.q_batch + h * Dh + int64_t(q_valid[r] ? row : 0) * a.q_row;
     }
+    // Every load first, then the arithmetic: interleaved, the compiler kept ~4 loads in flight
+    // and the prologue took a quarter of the decoder's stall samples. Pairs load as float2
+    // where the layout allows (the models' shapes always do).
+    const bool pairs = Dh % 2 == 0 && a.q_row % 2 == 0 && a.q_batch % 2 == 0 &&
+                       reinterpret_cast<uintptr_t>(a.q) % 8 == 0;
+    float2 x[kSteps][4];
 #pragma unroll
     for (int s = 0; s < kSteps; ++s)
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int col = 16 * s + 2 * t + 8 * (r / 2);
-        const float* q = q_rows[r % 2];
+        const float* q = q_rows[r % 2] + col;
         const bool valid = q_valid[r % 2];
-        const float x0 = valid && col < Dh ? q[col] * q_scale : 0.0f;
-        const float x1 = valid && col + 1 < Dh ? q[col + 1] * q_scale : 0.0f;
-        const SplitPair p = split_pair(x0, x1);
+        if (pairs) {
+          x[s][r] = valid && col < Dh ? *reinterpret_cast<const float2*>(q) : make_float2(0, 0);
+        } else {
+          x[s][r].x = valid && col < Dh ? q[0] : 0.0f;
+          x[s][r].y = valid && col + 1 < Dh ? q[1] : 0.0f;
+        }
+      }
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const SplitPair p = split_pair(x[s][r].x * q_scale, x[s][r].y * q_scale);
         q_hi[s][r] = p.hi;
         q_lo[s][r] = p.lo;
       }
@@ -609,13 +683,15 @@ __global__ void __launch_bounds__(Shape::kThreads)
 
   for (int tile = 0; tile < tiles; ++tile) {
     const int j0 = key_begin + tile * kKeys;
-    // The next tile goes to the other stage, freed by the barrier that ended the last round.
+    copy_async_wait<0>();
+    // One barrier per tile: this tile has landed (every thread's part of it), and every warp
+    // is done with the previous one, whose stage the next tile now fills while this one is
+    // computed.
+    __syncthreads();
     if (tile + 1 < tiles)
       fetch_kv_tile<Shape>(kv_rows + int64_t(j0 + kKeys) * kDhp, plane,
                            stages + ((tile + 1) % 2) * 4 * kPlane);
     copy_async_commit();
-    copy_async_wait<1>();
-    __syncthreads();  // this tile has landed, every thread's part of it
     const __nv_bfloat16* k_hi = stages + (tile % 2) * 4 * kPlane + slice * kStride;
     const __nv_bfloat16 *k_lo = k_hi + kPlane, *v_hi = k_lo + kPlane, *v_lo = v_hi + kPlane;
     const int js = j0 + slice;  // this warp's keys: js ..
@@ -624,33 +700,45 @@ __global__ void __launch_bounds__(Shape::kThreads)
       float s[kKeyTiles][4];
 #pragma unroll
       for (int n = 0; n < kKeyTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+      // B[k = head column][n = key] is a key row: ldmatrix (not transposed) of keys 8n.. and
+      // 8n + 8.. at columns 16st and 16st + 8 gives both fragments of two key tiles.
+      const int k_at = (8 * (lane / 16) + lane % 8) * kStride + 8 * (lane / 8 % 2);
 #pragma unroll
       for (int st = 0; st < kSteps; ++st)
 #pragma unroll
-        for (int n = 0; n < kKeyTiles; ++n) {
-          // B[k = head column][n = key] is a key row: two consecutive columns per register.
-          const int at = (8 * n + g) * kStride + 16 * st + 2 * t;
-          const uint32_t bh0 = *reinterpret_cast<const uint32_t*>(k_hi + at);
-          const uint32_t bh1 = *reinterpret_cast<const uint32_t*>(k_hi + at + 8);
-          const uint32_t bl0 = *reinterpret_cast<const uint32_t*>(k_lo + at);
-          const uint32_t bl1 = *reinterpret_cast<const uint32_t*>(k_lo + at + 8);
-          mma_3xbf16(s[n], q_hi[st], q_lo[st], bh0, bh1, bl0, bl1);
+        for (int n = 0; n < kKeyTiles; n += 2) {
+          uint32_t bh[4], bl[4];
+          ldmatrix_x4(k_hi + k_at + 8 * n * kStride + 16 * st, bh);
+          ldmatrix_x4(k_lo + k_at + 8 * n * kStride + 16 * st, bl);
+          mma_3xbf16(s[n], q_hi[st], q_lo[st], bh[0], bh[1], bl[0], bl[1]);
+          mma_3xbf16(s[n + 1], q_hi[st], q_lo[st], bh[2], bh[3], bl[2], bl[3]);
         }
 
+      // Masks only where some key of the slice is hidden from some row of the warp.
+      const int first_pos = q_offset + row0, last_pos = first_pos + 15;
+      const bool all_visible =
+          js + kSlice <= key_end &&
+          (!a.causal || (js + kSlice - 1 <= first_pos && (window <= 0 || js > last_pos - window)));
+      if (!all_visible) {
+#pragma unroll
+        for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int j = js + 8 * n + 2 * t + (e % 2);
+            const int pos = pos0 + 8 * (e / 2);
+            bool visible = j < key_end;
+            if (a.causal) visible = visible && j <= pos && (window <= 0 || j > pos - window);
+            if (!visible) s[n][e] = -INFINITY;
+          }
+      }
       // Online softmax of rows g (elements 0, 1) and g + 8 (2, 3): a row's kSlice / 4
       // scores of this tile per lane, its kSlice across the lane's quad.
       float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int n = 0; n < kKeyTiles; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int j = js + 8 * n + 2 * t + (e % 2);
-          const int pos = pos0 + 8 * (e / 2);
-          bool visible = j < key_end;
-          if (a.causal) visible = visible && j <= pos && (window <= 0 || j > pos - window);
-          if (!visible) s[n][e] = -INFINITY;
-          tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
-        }
+      for (int n = 0; n < kKeyTiles; ++n) {
+        tile_max[0] = fmaxf(tile_max[0], fmaxf(s[n][0], s[n][1]));
+        tile_max[1] = fmaxf(tile_max[1], fmaxf(s[n][2], s[n][3]));
+      }
       float correction[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -701,7 +789,6 @@ __global__ void __launch_bounds__(Shape::kThreads)
         }
       }
     }
-    __syncthreads();  // this stage is free for the tile after next
   }
 
 #pragma unroll
@@ -715,18 +802,19 @@ __global__ void __launch_bounds__(Shape::kThreads)
       const int row = row0 + g + 8 * r;
       if (row >= Lq) continue;
       const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-      float* orow = a.out + b * a.out_batch + int64_t(row) * a.out_row + h * Dh;
+      const int64_t at = b * a.out_batch + int64_t(row) * a.out_row + h * Dh;
 #pragma unroll
       for (int n = 0; n < kOutTiles; ++n)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = 8 * n + 2 * t + e;
-          if (col < Dh) orow[col] = o[n][2 * r + e] * inv;
+          if (col < Dh) store_attention_out(a, at + col, o[n][2 * r + e] * inv);
         }
     }
   } else {
-    // The stages are free (the loop ended on a barrier): each warp leaves its unnormalised
-    // rows, maxima and sums there, and the block merges each row group's kSplit parts.
+    // Once every warp is past its last tile, the stages are free: each warp leaves its
+    // unnormalised rows, maxima and sums there, and the block merges each row group's kSplit
+    // parts.
     __syncthreads();
     float* part = reinterpret_cast<float*>(mma_smem) + warp * Shape::kPartFloats;
 #pragma unroll
@@ -759,8 +847,8 @@ __global__ void __launch_bounds__(Shape::kThreads)
         num += w * p[row * kDhp + col];
         den += w * p[16 * kDhp + 16 + row];
       }
-      a.out[b * a.out_batch + int64_t(q_row) * a.out_row + h * Dh + col] =
-          den > 0.0f ? num / den : 0.0f;
+      store_attention_out(a, b * a.out_batch + int64_t(q_row) * a.out_row + h * Dh + col,
+                          den > 0.0f ? num / den : 0.0f);
     }
   }
 }
@@ -1067,7 +1155,7 @@ Tensor silu_mul_as(const Tensor& gate, const Tensor& up, DType dtype) {
   if (gate.shape() != up.shape()) throw_error(ErrorKind::Compute, "silu_mul: shape mismatch");
   Tensor out = Tensor::empty(gate.shape(), dtype, Device::CUDA);
   if (gate.numel() == 0) return out;
-  launch_pdl(silu_mul_kernel<T>, blocks_for(gate.numel(), kThreads), kThreads, 0,
+  launch_pdl(silu_mul_kernel<float, T>, blocks_for(gate.numel(), kThreads), kThreads, 0,
              gate.data<float>(), up.data<float>(), static_cast<T*>(out.raw_mut()), gate.numel());
   MOXIN_LAUNCH_CHECK();
   return out;
@@ -1135,10 +1223,34 @@ void swiglu_mlp_accumulate(Tensor& x, const Linear& gate, const Linear& up, cons
     linear_accumulate(x, swiglu_linear(x, gate, up, norm), down);
     return;
   }
-  // Many rows: gate and up as two products on the normalised bf16 input, SiLU(gate) * up
-  // written in bf16 for the down product, which adds into the residual stream.
-  const std::vector<Tensor> halves = linear_same_input(x, {&gate, &up}, norm);
-  linear_from_bf16(silu_mul_as<__nv_bfloat16>(halves[0], halves[1], DType::BF16), down, x, true);
+  // Many rows: gate and up as two products of the normalised bf16 input, SiLU(gate) * up in
+  // bf16 for the down product, which adds into the residual stream. Bias-free gate and up (the
+  // decoder's) write bf16 themselves, as a bf16 model's reference rounds them: the SiLU pass
+  // then reads half the bytes.
+  const int64_t K = x.dim(-1);
+  Tensor gated;
+  if (norm && !gate.bias.defined() && !up.bias.defined() && takes_bf16_rows(gate, M, K) &&
+      takes_bf16_rows(up, M, K) && gate.out_features() == up.out_features()) {
+    const std::vector<Tensor> halves = products_bf16_out(x, {&gate, &up}, *norm);
+    gated = Tensor::empty(halves[0].shape(), DType::BF16, Device::CUDA);
+    const int64_t n = gated.numel();
+    if (n % 8 == 0) {  // pool allocations are 256-byte aligned
+      launch_pdl(silu_mul_bf16x8_kernel, blocks_for(n / 8, kThreads), kThreads, 0,
+                 static_cast<const uint4*>(halves[0].raw()),
+                 static_cast<const uint4*>(halves[1].raw()), static_cast<uint4*>(gated.raw_mut()),
+                 n / 8);
+    } else {
+      launch_pdl(silu_mul_kernel<__nv_bfloat16, __nv_bfloat16>, blocks_for(n, kThreads), kThreads,
+                 0, static_cast<const __nv_bfloat16*>(halves[0].raw()),
+                 static_cast<const __nv_bfloat16*>(halves[1].raw()),
+                 static_cast<__nv_bfloat16*>(gated.raw_mut()), n);
+    }
+    MOXIN_LAUNCH_CHECK();
+  } else {
+    const std::vector<Tensor> halves = linear_same_input(x, {&gate, &up}, norm);
+    gated = silu_mul_as<__nv_bfloat16>(halves[0], halves[1], DType::BF16);
+  }
+  linear_from_bf16(gated, down, x, true);
 }
 
 void add_inplace(Tensor& x, const Tensor& y) {
@@ -1200,18 +1312,26 @@ Tensor embedding(const Tensor& ids, const Tensor& table) {
   return out;
 }
 
-Tensor self_attention_qkv(const Tensor& qkv, int64_t heads) {
+namespace {
+
+// Bidirectional attention over fused projections qkv [B, T, 3D] into a new `out` [B, T, D] of
+// `dtype` (float32, or bf16 for the product that reads it).
+void self_attention_into(const Tensor& qkv, int64_t heads, DType dtype, Tensor& out) {
   require_f32_cuda(qkv, "self_attention");
   if (qkv.ndim() != 3 || heads <= 0 || qkv.dim(2) % 3 != 0 || (qkv.dim(2) / 3) % heads != 0)
     throw_error(ErrorKind::Compute, "self_attention: bad qkv shape " + shape_to_string(qkv.shape()));
   const int64_t B = qkv.dim(0), T = qkv.dim(1), D = qkv.dim(2) / 3;
-  Tensor out = Tensor::empty({B, T, D}, DType::F32, Device::CUDA);
+  out = Tensor::empty({B, T, D}, dtype, Device::CUDA);
   AttnArgs a{};
   const float* base = qkv.data<float>();
   a.q = base;
   a.k = base + D;
   a.v = base + 2 * D;
-  a.out = out.data_mut<float>();
+  if (dtype == DType::BF16) {
+    a.out_bf16 = static_cast<__nv_bfloat16*>(out.raw_mut());
+  } else {
+    a.out = out.data_mut<float>();
+  }
   a.Lq = a.Lk = T;
   a.Hq = a.Hkv = heads;
   a.Dh = D / heads;
@@ -1223,15 +1343,13 @@ Tensor self_attention_qkv(const Tensor& qkv, int64_t heads) {
   a.causal = false;
   a.scale = 1.0f / std::sqrt(float(a.Dh));
   launch_attention(a, B);
-  return out;
 }
 
-namespace {
-
 // Causal attention of q [B, Lq, Hq, Dh] over a cache's history (keys/values [B, Hkv, capacity,
-// Dh], kv.length valid) into a new `out` [B, Lq, Hq * Dh], after checking that the two fit; the
-// caller sets where the queries stand.
-AttnArgs cached_attention_args(const Tensor& q, const CachedKV& kv, int64_t window, Tensor& out) {
+// Dh], kv.length valid) into a new `out` [B, Lq, Hq * Dh] of `dtype`, after checking that the
+// two fit; the caller sets where the queries stand.
+AttnArgs cached_attention_args(const Tensor& q, const CachedKV& kv, int64_t window, Tensor& out,
+                               DType dtype = DType::F32) {
   require_f32_cuda(q, "causal_attention");
   require_f32_cuda(kv.keys, "causal_attention");
   require_f32_cuda(kv.values, "causal_attention");
@@ -1243,12 +1361,16 @@ AttnArgs cached_attention_args(const Tensor& q, const CachedKV& kv, int64_t wind
     throw_error(ErrorKind::Compute, "causal_attention: queries " + shape_to_string(q.shape()) +
                                         " do not match the cache " +
                                         shape_to_string(kv.keys.shape()));
-  out = Tensor::empty({B, Lq, Hq * Dh}, DType::F32, Device::CUDA);
+  out = Tensor::empty({B, Lq, Hq * Dh}, dtype, Device::CUDA);
   AttnArgs a{};
   a.q = q.data<float>();
   a.k = kv.keys.data<float>();
   a.v = kv.values.data<float>();
-  a.out = out.data_mut<float>();
+  if (dtype == DType::BF16) {
+    a.out_bf16 = static_cast<__nv_bfloat16*>(out.raw_mut());
+  } else {
+    a.out = out.data_mut<float>();
+  }
   a.Lq = Lq;
   a.Lk = kv.length;
   a.Hq = Hq;
@@ -1267,19 +1389,56 @@ AttnArgs cached_attention_args(const Tensor& q, const CachedKV& kv, int64_t wind
   return a;
 }
 
-}  // namespace
-
-Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window) {
-  Tensor out;
-  AttnArgs a = cached_attention_args(q, kv, window, out);
+void check_queries_end_history(const Tensor& q, const CachedKV& kv, int64_t q_offset) {
   if (kv.length != q_offset + q.dim(1))
     throw_error(ErrorKind::Compute, "causal_attention: queries " + shape_to_string(q.shape()) +
                                         " at " + std::to_string(q_offset) + " do not end the " +
                                         std::to_string(kv.length) + " cached positions");
+}
+
+}  // namespace
+
+Tensor self_attention_qkv(const Tensor& qkv, int64_t heads) {
+  Tensor out;
+  self_attention_into(qkv, heads, DType::F32, out);
+  return out;
+}
+
+Tensor self_attention_linear(const Tensor& qkv, int64_t heads, const Linear& proj) {
+  const int64_t rows = qkv.ndim() == 3 ? qkv.dim(0) * qkv.dim(1) : 0;
+  if (rows == 0 || !takes_bf16_rows(proj, rows, qkv.dim(2) / 3))
+    return linear(self_attention_qkv(qkv, heads), proj);
+  Tensor attn, y;
+  self_attention_into(qkv, heads, DType::BF16, attn);
+  linear_from_bf16(attn, proj, y, false);
+  return y;
+}
+
+Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window) {
+  Tensor out;
+  AttnArgs a = cached_attention_args(q, kv, window, out);
+  check_queries_end_history(q, kv, q_offset);
   a.q_offset = q_offset;
   a.delta = position_delta();
   launch_attention(a, q.dim(0), kv.keys.dim(2));
   return out;
+}
+
+void causal_attention_accumulate(Tensor& x, const Tensor& q, const CachedKV& kv,
+                                 int64_t q_offset, int64_t window, const Linear& o_proj) {
+  const int64_t rows = q.ndim() == 4 ? q.dim(0) * q.dim(1) : 0;
+  // Decode steps (one row: the split decode kernel, and a recorded graph's delta) and layers
+  // without bf16 rows keep the float32 path.
+  if (rows == 0 || q.dim(1) == 1 || !takes_bf16_rows(o_proj, rows, q.dim(2) * q.dim(3))) {
+    linear_accumulate(x, causal_attention(q, kv, q_offset, window), o_proj);
+    return;
+  }
+  Tensor attn;
+  AttnArgs a = cached_attention_args(q, kv, window, attn, DType::BF16);
+  check_queries_end_history(q, kv, q_offset);
+  a.q_offset = q_offset;
+  launch_attention(a, q.dim(0), kv.keys.dim(2));
+  linear_from_bf16(attn, o_proj, x, true);
 }
 
 void rope_inplace(Tensor& x, int64_t offset, float theta) {
@@ -1379,27 +1538,31 @@ void rope_write_pair(Tensor& queries, Tensor& keys, const Tensor& new_keys, Tens
   for (const Tensor* t : std::initializer_list<const Tensor*>{&queries, &keys, &new_keys, &values,
                                                               &new_values})
     require_f32_cuda(*t, "rope_write_pair");
-  if (new_keys.ndim() != 4 || new_keys.dim(2) != 1 || new_values.shape() != new_keys.shape() ||
-      keys.ndim() != 4 || values.shape() != keys.shape() || queries.ndim() != 4 ||
-      queries.dim(1) != 1 || queries.dim(0) != new_keys.dim(0) ||
+  // queries [B, L, Hq, Dh], new keys and values [B, L, Hkv, Dh], caches [B, Hkv, capacity, Dh]
+  if (new_keys.ndim() != 4 || new_values.shape() != new_keys.shape() || keys.ndim() != 4 ||
+      values.shape() != keys.shape() || queries.ndim() != 4 ||
+      queries.dim(0) != new_keys.dim(0) || queries.dim(1) != new_keys.dim(1) ||
       queries.dim(3) != new_keys.dim(3) || keys.dim(0) != new_keys.dim(0) ||
-      keys.dim(1) != new_keys.dim(1) || keys.dim(3) != new_keys.dim(3) ||
+      keys.dim(1) != new_keys.dim(2) || keys.dim(3) != new_keys.dim(3) ||
       new_keys.dim(3) % 2 != 0)
     throw_error(ErrorKind::Compute, "rope_write_pair: queries " + shape_to_string(queries.shape()) +
                                         ", keys " + shape_to_string(new_keys.shape()) +
                                         " into " + shape_to_string(keys.shape()) +
-                                        " (one position, even head dim)");
-  if (at < 0 || at + 1 > keys.dim(2))
-    throw_error(ErrorKind::Compute, "rope_write_pair: position " + std::to_string(at) +
-                                        " outside the cache of " + std::to_string(keys.dim(2)));
-  const int64_t B = new_keys.dim(0), Hkv = new_keys.dim(1), Dh = new_keys.dim(3);
-  const int64_t Hq = queries.dim(2);
-  const int64_t n = B * (Hq + Hkv) * (Dh / 2);
+                                        " (even head dim)");
+  const int64_t B = new_keys.dim(0), L = new_keys.dim(1), Hkv = new_keys.dim(2);
+  const int64_t Dh = new_keys.dim(3), Hq = queries.dim(2);
+  if (at < 0 || at + L > keys.dim(2))
+    throw_error(ErrorKind::Compute, "rope_write_pair: positions " + std::to_string(at) + ".." +
+                                        std::to_string(at + L) + " outside the cache of " +
+                                        std::to_string(keys.dim(2)));
+  if (L > 1 && position_delta())
+    throw_error(ErrorKind::Compute, "a recorded decode step takes one token");
+  const int64_t n = B * L * ((Hq + Hkv + kRopeHeads - 1) / kRopeHeads) * (Dh / 2);
   if (n == 0) return;
   launch_pdl(rope_append_kernel, blocks_for(n, kThreads), kThreads, 0, queries.data_mut<float>(),
              new_keys.data<float>(), new_values.data<float>(), keys.data_mut<float>(),
-             values.data_mut<float>(), B, Hq, Hkv, Dh, keys.dim(2), at, position_delta(),
-             inv_freq_table(Dh, theta));
+             values.data_mut<float>(), B, int(L), int(Hq), int(Hkv), int(Dh), keys.dim(2), at,
+             position_delta(), inv_freq_table(Dh, theta));
   MOXIN_LAUNCH_CHECK();
 }
 

@@ -20,6 +20,9 @@ Tensor swiglu_linear(const Tensor& x, const Linear& gate, const Linear& up, cons
 // quantized weights), and that product from such rows, into a new y or accumulated into y.
 bool takes_bf16_rows(const Linear& layer, int64_t M, int64_t K);
 void linear_from_bf16(const Tensor& xb, const Linear& layer, Tensor& y, bool accumulate);
+// Products of rms_norm(x) by bias-free layers that take bf16 rows, with bf16 outputs.
+std::vector<Tensor> products_bf16_out(const Tensor& x, const std::vector<const Linear*>& layers,
+                                      const RMSNorm& norm);
 Tensor layer_norm_linear(const Tensor& x, const LayerNorm& norm, const Linear& layer);
 Tensor gelu_linear(Tensor& x, const Linear& layer);
 void swiglu_mlp_accumulate(Tensor& x, const Linear& gate, const Linear& up, const Linear& down,
@@ -34,7 +37,10 @@ void add_inplace(Tensor& x, const Tensor& y);
 void add_scaled_inplace(Tensor& x, const Tensor& y, const Tensor& scale);
 Tensor embedding(const Tensor& ids, const Tensor& table);
 Tensor self_attention_qkv(const Tensor& qkv, int64_t heads);
+Tensor self_attention_linear(const Tensor& qkv, int64_t heads, const Linear& proj);
 Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window);
+void causal_attention_accumulate(Tensor& x, const Tensor& q, const CachedKV& kv,
+                                 int64_t q_offset, int64_t window, const Linear& o_proj);
 void rope_inplace(Tensor& x, int64_t offset, float theta);
 void rope_inplace_pair(Tensor& q, Tensor& k, int64_t offset, float theta);
 Tensor heads_first(const Tensor& x);
