@@ -607,6 +607,8 @@ TEST(CudaOps, CausalAttentionMatchesCpuForPrefillAndDecode) {
       {1, 33, 0, 8, 2, 128, 40, 0},   {2, 31, 9, 4, 2, 16, 64, 0},  {1, 33, 40, 8, 8, 64, 80, 7},
       {1, 1, 299, 32, 8, 128, 512, 0}, {2, 1, 32, 4, 2, 16, 33, 0},  {1, 1, 300, 8, 2, 128, 320, 64},
       {1, 280, 0, 32, 8, 128, 300, 0}, {1, 1, 0, 4, 4, 72, 8, 0},
+      // long prefills after cached positions, one with a window
+      {1, 200, 100, 8, 2, 128, 320, 50}, {1, 250, 60, 4, 2, 128, 320, 0},
       {3, 300, 0, 32, 8, 128, 320, 0},  // enough blocks for four warps per block
       // decode split over many key blocks (flash-decoding), with a window and two sequences
       {2, 1, 700, 8, 4, 72, 1000, 100}, {1, 1, 63, 32, 8, 128, 1000, 0},

@@ -375,18 +375,19 @@ __global__ void rope_kernel(float* x, int64_t B, int64_t L, int64_t H, int64_t D
 // RoPE and the KV append of L positions in one launch: queries [B, L, Hq, Dh] rotated in
 // place; keys [B, L, Hkv, Dh] rotated into the key cache and values copied into the value cache
 // at positions at (+ delta) + l, caches [B, Hkv, capacity, Dh]. Same angles as rope_kernel.
-// Thread i takes frequency f of kRopeHeads heads of one (b, l) position, the heads running q's
-// then k's: one sincos serves them all (per element, the sincos dominated a prefill's launch).
-constexpr int kRopeHeads = 8;
-
+// Thread i takes frequency f of `group_heads` heads of one (b, l) position, the heads running
+// q's then k's: one sincos serves them all (per element, the sincos dominated a prefill's
+// launch). A decode step takes one head per thread: its 40 heads are all the parallelism
+// there is (eight per thread cost it ~1% of its tokens per second).
 __global__ void rope_append_kernel(float* __restrict__ q, const float* __restrict__ k,
                                    const float* __restrict__ v, float* __restrict__ keys,
                                    float* __restrict__ values, int64_t B, int L, int Hq, int Hkv,
                                    int Dh, int64_t capacity, int64_t at, const int* delta,
-                                   const float* __restrict__ inv_freqs) {
+                                   const float* __restrict__ inv_freqs, int group_heads) {
   pdl_wait();
   pdl_trigger();
-  const int half = Dh / 2, heads = Hq + Hkv, head_groups = (heads + kRopeHeads - 1) / kRopeHeads;
+  const int half = Dh / 2, heads = Hq + Hkv;
+  const int head_groups = (heads + group_heads - 1) / group_heads;
   const int64_t n = B * L * head_groups * half;
   const int64_t first = at + delta_of(delta);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
@@ -398,10 +399,7 @@ __global__ void rope_append_kernel(float* __restrict__ q, const float* __restric
     const int64_t b = token / L, pos = first + token % L;
     float s, c;
     sincosf(float(pos) * inv_freqs[f], &s, &c);
-#pragma unroll
-    for (int j = 0; j < kRopeHeads; ++j) {
-      const int h = group * kRopeHeads + j;
-      if (h >= heads) break;
+    for (int h = group * group_heads; h < min(heads, (group + 1) * group_heads); ++h) {
       if (h < Hq) {
         float* x = q + (token * Hq + h) * Dh;
         const float x0 = x[f], x1 = x[f + half];
@@ -1557,12 +1555,13 @@ void rope_write_pair(Tensor& queries, Tensor& keys, const Tensor& new_keys, Tens
                                         std::to_string(keys.dim(2)));
   if (L > 1 && position_delta())
     throw_error(ErrorKind::Compute, "a recorded decode step takes one token");
-  const int64_t n = B * L * ((Hq + Hkv + kRopeHeads - 1) / kRopeHeads) * (Dh / 2);
+  const int group_heads = L > 1 ? 8 : 1;
+  const int64_t n = B * L * ((Hq + Hkv + group_heads - 1) / group_heads) * (Dh / 2);
   if (n == 0) return;
   launch_pdl(rope_append_kernel, blocks_for(n, kThreads), kThreads, 0, queries.data_mut<float>(),
              new_keys.data<float>(), new_values.data<float>(), keys.data_mut<float>(),
              values.data_mut<float>(), B, int(L), int(Hq), int(Hkv), int(Dh), keys.dim(2), at,
-             position_delta(), inv_freq_table(Dh, theta));
+             position_delta(), inv_freq_table(Dh, theta), group_heads);
   MOXIN_LAUNCH_CHECK();
 }
 
