@@ -72,7 +72,7 @@ if [[ $what != tests ]]; then
   if [[ $what == pdl ]]; then
     # Decode with programmatic dependent launch inside the recorded graph, against without, in
     # one call; then per-kernel times of one prefill (Nsight Compute summary).
-    for run in "bf16 0" "bf16 1" "4 0" "4 1" "bf16 0" "bf16 1"; do
+    for run in "bf16 0" "bf16 1" "4 0" "4 1" "8 0" "8 1" "4 0" "4 1"; do
       set -- $run
       quant=(); [[ $1 != bf16 ]] && quant=(--quantize $1 --group-size 64)
       echo "== $1 bits, MOXIN_CUDA_PDL_GRAPH=$2"

@@ -184,7 +184,9 @@ INSTANTIATE_TEST_SUITE_P(Variants, CudaParity,
                          ::testing::Values("tiny-hf", "tiny-native", "tiny-f32", "real-towers"));
 
 // A decoder quantized at load (MLX affine, 4 and 8 bits) gives the same logits on both paths:
-// the prefill through dequantized bf16 products, the decode step through the fused GEMV.
+// the prefill through dequantized bf16 products, the decode step through the fused GEMV; and
+// the recorded decode step (programmatic dependent launch inside the graph for quantized
+// decoders) gives the eager step's logits.
 TEST(CudaQuantized, QuantizedModelMatchesCpu) {
   MOXIN_SKIP_WITHOUT_GPU();
   const auto dir = test::checkpoint_dir("real-towers");
@@ -214,6 +216,13 @@ TEST(CudaQuantized, QuantizedModelMatchesCpu) {
     const auto dd = test::compare(db, da);
     std::printf("[q%d] decode logits cuda vs cpu: %s\n", bits, dd.to_string().c_str());
     EXPECT_LE(dd.max_rel, 5e-2);
+
+#if MOXIN_WITH_CUDA
+    cuda::DecodeGraph graph(gpu_model, gpu_cache[0]->offset() + 4);
+    (void)gpu_model.forward(pd, ps, input, graph.caches(), 1);
+    const Tensor dg = graph.step(t.data<int32_t>()[0]).to_device(Device::CPU);
+    EXPECT_LE(test::compare(dg, db).max_rel, 1e-5) << bits << "-bit graph step vs eager step";
+#endif
   }
 }
 

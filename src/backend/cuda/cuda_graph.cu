@@ -209,6 +209,9 @@ void DecodeGraph::record() {
   // Hooks on: fixed addresses, device-side position delta.
   set_capture_arena(&s.arena);
   set_position_delta(s.delta.data<int32_t>());
+  // Programmatic dependent launch inside the graph for quantized decoders only (their products
+  // prefetch weights before waiting on their predecessor; cuda_internal.h has the numbers).
+  set_pdl_in_recordings(!model_.layers.empty() && model_.layers[0].self_attn.q_proj.quantized);
   std::vector<int64_t> offsets;
   for (auto& c : caches_) offsets.push_back(c->offset());
   s.capture_offset = offsets[0];
@@ -223,6 +226,7 @@ void DecodeGraph::record() {
     if (graph) cudaGraphDestroy(graph);
     set_capture_arena(nullptr);
     set_position_delta(nullptr);
+    set_pdl_in_recordings(false);
     // The host caches advanced while recording; the recorded step never ran.
     for (size_t i = 0; i < caches_.size(); ++i)
       static_cast<StaticKVCache*>(caches_[i].get())->rewind(offsets[i]);
@@ -230,6 +234,7 @@ void DecodeGraph::record() {
   }
   set_capture_arena(nullptr);
   set_position_delta(nullptr);
+  set_pdl_in_recordings(false);
   MOXIN_CUDA_CHECK(cudaStreamEndCapture(stream(), &graph));
   s.graph = graph;
   cudaGraphExec_t exec = nullptr;

@@ -64,9 +64,10 @@ void add_other_bytes(std::ptrdiff_t bytes);
 // predecessor wrote or writes anything at all; pdl_trigger() lets the next kernel start early.
 // On older GPUs both are no-ops and the attribute is not set. MOXIN_CUDA_PDL=0 turns it off.
 bool pdl_enabled();
-// Whether launches recorded into a decode graph carry the attribute too (MOXIN_CUDA_PDL_GRAPH=1;
-// off by default, see launch_pdl).
+// Whether launches recorded into a decode graph carry the attribute too: the recorder's choice
+// (set_pdl_in_recordings; see DecodeGraph::record), or MOXIN_CUDA_PDL_GRAPH=0/1.
 bool pdl_in_graphs();
+void set_pdl_in_recordings(bool on);
 
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -115,8 +116,9 @@ void launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t sme
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
-  // Only for launches from the host: in a recorded decode step the overlap measured slower
-  // (H200: 172.5 vs 177.7 tok/s bf16), while eager decoding gains (165 vs 153 tok/s).
+  // In a recorded decode step only where the recorder asks for it: there the overlap measured
+  // slower for bf16 (H200: 172.5 vs 177.7 tok/s; H100: 158.5 vs 159.9) and faster for 4/8-bit
+  // (H100: 299 vs 276, 184 vs 175), whose products prefetch weights before pdl_wait.
   config.numAttrs = pdl_enabled() && (!capturing() || pdl_in_graphs()) ? 1 : 0;
   MOXIN_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }

@@ -142,12 +142,18 @@ bool pdl_enabled() {
   }();
   return enabled;
 }
+namespace {
+std::atomic<bool> g_pdl_in_recordings{false};
+}  // namespace
+
+void set_pdl_in_recordings(bool on) { g_pdl_in_recordings = on; }
+
 bool pdl_in_graphs() {
-  static const bool enabled = [] {
+  static const int forced = [] {  // MOXIN_CUDA_PDL_GRAPH=0 or 1 overrides the recorder's choice
     const char* v = std::getenv("MOXIN_CUDA_PDL_GRAPH");
-    return v && v[0] == '1';
+    return v && (v[0] == '0' || v[0] == '1') ? v[0] - '0' : -1;
   }();
-  return enabled;
+  return forced >= 0 ? forced == 1 : g_pdl_in_recordings.load();
 }
 cublasLtHandle_t cublaslt() { return runtime().lt_; }
 void* cublaslt_workspace(size_t* bytes) {
