@@ -49,6 +49,22 @@ Linear gpu_quantized(const QuantizedTensor& q, const Tensor& bias = Tensor()) {
   return Linear{Tensor(), gpu(bias), on_gpu};
 }
 
+// A random bf16 layer [N, K] (4/8-bit when bits is set) as the CPU reference sees it (the
+// exactly dequantized weight) and on the GPU.
+void random_layer_pair(int64_t N, int64_t K, int bits, uint32_t& seed, Linear& reference,
+                       Linear& layer, bool biased = true) {
+  const Tensor w = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
+  const Tensor b = biased ? random_tensor({N}, ++seed) : Tensor();
+  if (bits == 0) {
+    reference = Linear{w, b, nullptr};
+    layer = Linear{gpu(w), gpu(b), nullptr};
+  } else {
+    const QuantizedTensor q = quantize(w, 64, bits);
+    reference = Linear{dequantize(q), b, nullptr};
+    layer = gpu_quantized(q, b);
+  }
+}
+
 TEST(CudaRuntime, CopiesRoundTripAndZeros) {
   MOXIN_SKIP_WITHOUT_GPU();
   const Tensor host = random_tensor({33, 31}, 1);
@@ -321,17 +337,8 @@ TEST(CudaOps, AccumulatingProductsMatchCpu) {
   MOXIN_SKIP_WITHOUT_GPU();
   uint32_t seed = 700;
   auto check = [&](int64_t N, int64_t K, int bits, int64_t M, const std::string& what) {
-    const Tensor w = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
-    const Tensor b = random_tensor({N}, ++seed);
     Linear reference, layer;
-    if (bits == 0) {
-      reference = Linear{w, b, nullptr};
-      layer = Linear{gpu(w), gpu(b), nullptr};
-    } else {
-      const QuantizedTensor q = quantize(w, 64, bits);
-      reference = Linear{dequantize(q), b, nullptr};
-      layer = gpu_quantized(q, b);
-    }
+    random_layer_pair(N, K, bits, seed, reference, layer);
     const Tensor x = random_tensor({1, M, K}, ++seed);
     const Tensor y0 = random_tensor({1, M, N}, ++seed);
     Tensor expected = y0.clone();
@@ -361,16 +368,7 @@ TEST(CudaOps, ProducersWritingBf16InputsMatchCpu) {
   uint32_t seed = 900;
   auto layers = [&](int64_t N, int64_t K, int bits, Linear& reference, Linear& layer,
                     bool biased = true) {
-    const Tensor w = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
-    const Tensor b = biased ? random_tensor({N}, ++seed) : Tensor();
-    if (bits == 0) {
-      reference = Linear{w, b, nullptr};
-      layer = Linear{gpu(w), gpu(b), nullptr};
-    } else {
-      const QuantizedTensor q = quantize(w, 64, bits);
-      reference = Linear{dequantize(q), b, nullptr};
-      layer = gpu_quantized(q, b);
-    }
+    random_layer_pair(N, K, bits, seed, reference, layer, biased);
   };
   for (int bits : {0, 4})
     for (int64_t M : {3, 17, 261}) {

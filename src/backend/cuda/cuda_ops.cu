@@ -86,6 +86,16 @@ bool norm_rows_vectorised(int64_t D, std::initializer_list<const void*> pointers
   return true;
 }
 
+// This thread's float4s of the block's row of x (zeros past its end), every load issued at once.
+__device__ __forceinline__ void load_row_vec(const float* x, int D, float4 (&v)[kNormVecs]) {
+  const float4* xr = reinterpret_cast<const float4*>(x + int64_t(blockIdx.x) * D);
+#pragma unroll
+  for (int k = 0; k < kNormVecs; ++k) {
+    const int i4 = threadIdx.x + k * kThreads;
+    v[k] = i4 < D / 4 ? xr[i4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+}
+
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     rms_norm_vec_kernel(const float* __restrict__ x, const float* __restrict__ w, float eps, int D,
@@ -94,15 +104,12 @@ __global__ void __launch_bounds__(kThreads)
   pdl_trigger();
   __shared__ float scratch[32];
   const int n4 = D / 4;
-  const float4* xr = reinterpret_cast<const float4*>(x + int64_t(blockIdx.x) * D);
   float4 v[kNormVecs];
+  load_row_vec(x, D, v);
   float sq = 0;
 #pragma unroll
-  for (int k = 0; k < kNormVecs; ++k) {
-    const int i4 = threadIdx.x + k * kThreads;
-    v[k] = i4 < n4 ? xr[i4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int k = 0; k < kNormVecs; ++k)
     sq += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
-  }
   sq = block_sum(sq, scratch);
   const float inv = 1.0f / sqrtf(sq / float(D) + eps);
   T* yr = y + int64_t(blockIdx.x) * D;
@@ -138,15 +145,11 @@ __global__ void __launch_bounds__(kThreads)
                           const float* __restrict__ b, float eps, int D, T* __restrict__ y) {
   __shared__ float scratch[32];
   const int n4 = D / 4;
-  const float4* xr = reinterpret_cast<const float4*>(x + int64_t(blockIdx.x) * D);
   float4 v[kNormVecs];
+  load_row_vec(x, D, v);
   float sum = 0;
 #pragma unroll
-  for (int k = 0; k < kNormVecs; ++k) {
-    const int i4 = threadIdx.x + k * kThreads;
-    v[k] = i4 < n4 ? xr[i4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    sum += v[k].x + v[k].y + v[k].z + v[k].w;
-  }
+  for (int k = 0; k < kNormVecs; ++k) sum += v[k].x + v[k].y + v[k].z + v[k].w;
   const float mean = block_sum(sum, scratch) / float(D);
   float sq = 0;  // centred second pass, as torch computes it
 #pragma unroll
