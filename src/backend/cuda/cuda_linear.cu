@@ -434,11 +434,16 @@ GemmPlan* find_plan(int64_t M, int64_t N, int64_t K, cudaDataType type, bool bia
                                       std::to_string(N) + "x" + std::to_string(K) + " product");
 }
 
-// w [N, K] and x [M, K] of `type`, y [M, N] f32: y = x W^T + bias, or y += x W^T + bias when
-// `accumulate` (cuBLASLt reads y as C with beta = 1: no temporary, no separate add).
+// w [N, K] and x [M, K] of `type`, y [M, N] of `out_type` (f32, or bf16 for products whose
+// outputs only feed an element-wise kernel, which then reads half the bytes): y = x W^T + bias,
+// or y += x W^T + bias when `accumulate` (cuBLASLt reads y as C with beta = 1: no temporary,
+// no separate add). The unfused bias fallback is float32 only.
 void gemm(const void* w, const void* x, cudaDataType type, int64_t M, int64_t N, int64_t K,
-          const float* bias, float* y, bool accumulate = false) {
-  GemmPlan* plan = find_plan(M, N, K, type, bias != nullptr, CUDA_R_32F);
+          const float* bias, void* y, bool accumulate = false,
+          cudaDataType out_type = CUDA_R_32F) {
+  GemmPlan* plan = find_plan(M, N, K, type, bias != nullptr, out_type);
+  if (bias && !plan->fused_bias && out_type != CUDA_R_32F)
+    throw_error(ErrorKind::Compute, "cuBLASLt cannot add this bias to a 16-bit output");
   if (plan->fused_bias)
     MOXIN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(
         plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
@@ -449,21 +454,10 @@ void gemm(const void* w, const void* x, cudaDataType type, int64_t M, int64_t N,
                                     y, plan->c, y, plan->c, &plan->algo, workspace,
                                     workspace_bytes, stream()));
   if (bias && !plan->fused_bias) {
-    add_bias_kernel<<<blocks_for(M * N, 256), 256, 0, stream()>>>(y, bias, M * N, N);
+    add_bias_kernel<<<blocks_for(M * N, 256), 256, 0, stream()>>>(static_cast<float*>(y), bias,
+                                                                  M * N, N);
     MOXIN_LAUNCH_CHECK();
   }
-}
-
-// y [M, N] bf16 = x W^T for bf16 x and weights, no bias: products whose outputs only feed an
-// element-wise kernel (SwiGLU's gate and up), which then reads half the bytes.
-void gemm_bf16_out(const void* w, const void* x, int64_t M, int64_t N, int64_t K, void* y) {
-  GemmPlan* plan = find_plan(M, N, K, CUDA_R_16BF, false, CUDA_R_16BF);
-  size_t workspace_bytes = 0;
-  void* workspace = cublaslt_workspace(&workspace_bytes);
-  const float alpha = 1.0f, beta = 0.0f;
-  MOXIN_CUBLAS_CHECK(cublasLtMatmul(cublaslt(), plan->desc, &alpha, w, plan->a, x, plan->b, &beta,
-                                    y, plan->c, y, plan->c, &plan->algo, workspace,
-                                    workspace_bytes, stream()));
 }
 
 template <class T>
@@ -1398,6 +1392,18 @@ Tensor dequantized_bf16(const QuantizedTensor& q) {
   return dense;
 }
 
+// The bf16 weights a cuBLASLt product of `layer` reads: its own, or quantized ones expanded
+// into `holder` (pool scratch, kept by the caller until the product is queued).
+const void* bf16_weights(const Linear& layer, Tensor& holder) {
+  if (!layer.quantized) return layer.weight.raw();
+  holder = dequantized_bf16(*layer.quantized);
+  return holder.raw();
+}
+
+const float* bias_of(const Linear& layer) {
+  return layer.bias.defined() ? layer.bias.data<float>() : nullptr;
+}
+
 // y = x W^T + bias, or y += x W^T + bias when `accumulate` (y then already has the output
 // shape): decode products add into y in their epilogue, cuBLASLt ones with beta = 1.
 void linear_into(const Tensor& x, const Linear& layer, Tensor& y, bool accumulate) {
@@ -1525,27 +1531,33 @@ bool bf16_products(const std::vector<const Linear*>& layers, int64_t M, int64_t 
   return true;
 }
 
+// Products of x (normalised by `norm` when given) rounded to bf16 once, in one kernel, and
+// read by every layer's cuBLASLt product; outputs in `out_dtype` (F32 or BF16).
+std::vector<Tensor> bf16_row_products(const Tensor& x, const std::vector<const Linear*>& layers,
+                                      const RMSNorm* norm, DType out_dtype) {
+  const int64_t K = x.dim(-1), M = x.numel() / K;
+  const Tensor xb = norm ? rms_norm_bf16(x, *norm) : narrowed<__nv_bfloat16>(x, DType::BF16);
+  std::vector<Tensor> out;
+  for (const Linear* l : layers) {
+    Shape shape = x.shape();
+    shape.back() = l->out_features();
+    Tensor y = Tensor::empty(shape, out_dtype, Device::CUDA);
+    Tensor holder;
+    gemm(bf16_weights(*l, holder), xb.raw(), CUDA_R_16BF, M, l->out_features(), K, bias_of(*l),
+         y.raw_mut(), false, out_dtype == DType::BF16 ? CUDA_R_16BF : CUDA_R_32F);
+    out.push_back(std::move(y));
+  }
+  return out;
+}
+
 std::vector<Tensor> separate_products(const Tensor& x, const std::vector<const Linear*>& layers,
                                       const RMSNorm* norm) {
   std::vector<Tensor> out;
   const int64_t K = x.ndim() ? x.dim(-1) : 0;
   if (x.defined() && x.dtype() == DType::F32 && x.device() == Device::CUDA && K > 0 &&
       bf16_products(layers, x.numel() / K, K)) {
-    // Many rows with bf16 products (prefill): the input is normalised and rounded to bf16 once,
-    // in one kernel, and every product reads that copy.
-    const int64_t M = x.numel() / K;
-    const Tensor xb = norm ? rms_norm_bf16(x, *norm) : narrowed<__nv_bfloat16>(x, DType::BF16);
-    for (const Linear* l : layers) {
-      Shape shape = x.shape();
-      shape.back() = l->out_features();
-      Tensor y = Tensor::empty(shape, DType::F32, Device::CUDA);
-      const Tensor dense = l->quantized ? dequantized_bf16(*l->quantized) : Tensor();
-      gemm(l->quantized ? dense.raw() : l->weight.raw(), xb.raw(), CUDA_R_16BF, M,
-           l->out_features(), K, l->bias.defined() ? l->bias.data<float>() : nullptr,
-           y.data_mut<float>());
-      out.push_back(std::move(y));
-    }
-    return out;
+    // Many rows with bf16 products (prefill).
+    return bf16_row_products(x, layers, norm, DType::F32);
   }
   const Tensor h = norm ? rms_norm(x, *norm) : x;
   for (const Linear* l : layers) out.push_back(linear(h, *l));
@@ -1572,29 +1584,18 @@ void linear_from_bf16(const Tensor& xb, const Linear& layer, Tensor& y, bool acc
     throw_error(ErrorKind::Compute, "linear: cannot accumulate " + shape_to_string(shape) +
                                         " into " + shape_to_string(y.shape()));
   }
-  const Tensor dense = layer.quantized ? dequantized_bf16(*layer.quantized) : Tensor();
-  gemm(layer.quantized ? dense.raw() : layer.weight.raw(), xb.raw(), CUDA_R_16BF, M, N, K,
-       layer.bias.defined() ? layer.bias.data<float>() : nullptr, y.data_mut<float>(),
+  Tensor holder;
+  gemm(bf16_weights(layer, holder), xb.raw(), CUDA_R_16BF, M, N, K, bias_of(layer), y.raw_mut(),
        accumulate);
 }
 
 std::vector<Tensor> products_bf16_out(const Tensor& x, const std::vector<const Linear*>& layers,
                                       const RMSNorm& norm) {
   const int64_t K = x.dim(-1), M = x.numel() / K;
-  const Tensor xb = rms_norm_bf16(x, norm);
-  std::vector<Tensor> out;
-  for (const Linear* l : layers) {
+  for (const Linear* l : layers)
     if (!takes_bf16_rows(*l, M, K) || l->bias.defined())
       throw_error(ErrorKind::Compute, "linear: no bf16-output product for this layer");
-    Shape shape = x.shape();
-    shape.back() = l->out_features();
-    Tensor y = Tensor::empty(shape, DType::BF16, Device::CUDA);
-    const Tensor dense = l->quantized ? dequantized_bf16(*l->quantized) : Tensor();
-    gemm_bf16_out(l->quantized ? dense.raw() : l->weight.raw(), xb.raw(), M, l->out_features(), K,
-                  y.raw_mut());
-    out.push_back(std::move(y));
-  }
-  return out;
+  return bf16_row_products(x, layers, &norm, DType::BF16);
 }
 
 std::vector<Tensor> linear_same_input(const Tensor& x, const std::vector<const Linear*>& layers,

@@ -159,8 +159,7 @@ cublasLtHandle_t cublaslt() { return runtime().lt_; }
 void* cublaslt_workspace(size_t* bytes) {
   Runtime& rt = runtime();
   *bytes = rt.workspace_bytes_;
-  return g_current_stream == rt.side_stream_ && g_current_stream ? rt.side_workspace_
-                                                                  : rt.workspace_;
+  return g_current_stream ? rt.side_workspace_ : rt.workspace_;  // only ever the side stream
 }
 
 void set_capture_arena(CaptureArena* arena) { g_arena = arena; }
