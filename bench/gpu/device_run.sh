@@ -11,7 +11,8 @@
 #        quick: tests, decode at every format with the tuner's log, 4-bit with the float
 #        kernels as the same-run baseline, decode counters and the kernel times of vision +
 #        prefill; ttft: tests, the bf16 bench and the kernel times of vision + prefill;
-#        attn: tests, then Nsight Compute on the prefill attention kernel with its source view)
+#        attn: tests, then Nsight Compute on the prefill attention kernel with its source view;
+#        prefill_ab: tests, then TTFT runs under several settings)
 set -uo pipefail
 what="${1:-all}"
 build="${2:-build-cuda2}"
@@ -36,7 +37,7 @@ if [[ $what != tests ]]; then
        >/tmp/gen_full.log 2>&1; echo "full: rc=$?" >>/tmp/gen_full.log) &
 fi
 if [[ $what == tests || $what == all || $what == profile || $what == final || $what == pdl ||
-      $what == quick || $what == ttft || $what == attn ]]; then
+      $what == quick || $what == ttft || $what == attn || $what == prefill_ab ]]; then
   for v in tiny-hf tiny-native tiny-f32 real-towers; do
     (python3 reference/make_checkpoints.py --variant "$v" --out "tests/fixtures/checkpoints/$v" \
        >"/tmp/gen_$v.log" 2>&1) &
@@ -118,6 +119,20 @@ if [[ $what != tests ]]; then
       python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('decode_tok_s','decode_fraction_of_roofline','ttft_ms','vision_ms','prefill_ms')})" "$out/ttft_bf16_side$side.json"
     done
     bench/gpu/profile_prefill.sh "$dist/moxin-vlm" /tmp/moxin-full "$out/prefill_kernels.txt" 16
+    pack
+    exit 0
+  fi
+  if [[ $what == prefill_ab ]]; then
+    # Time to first token (bf16) with each prefill change of a pass switched off alone, all of
+    # them off, and all on (first and last), in one call; the first run logs the product tuning.
+    i=0
+    for cfg in "" "MOXIN_CUDA_RECORD=0" "" "MOXIN_CUDA_RECORD=0" "MOXIN_CUDA_SIDE_STREAM=0" ""; do
+      i=$((i + 1))
+      env $cfg MOXIN_CUDA_TUNE_LOG=1 timeout 200 "$dist/moxin-vlm" bench --model /tmp/moxin-full \
+        --device cuda --prompt-tokens 24 --decode-tokens 32 >"$out/ab_$i.json" 2>"$out/ab_$i.err"
+      echo "run $i [${cfg:-all on}]:"
+      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('ttft_ms','vision_ms','vision_host_ms','prefill_ms','prefill_host_ms','decode_tok_s','decode_fraction_of_roofline')})" "$out/ab_$i.json"
+    done
     pack
     exit 0
   fi

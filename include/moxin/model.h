@@ -196,6 +196,11 @@ class MoxinVLM {
   // forward() may live anywhere; they are moved to the model's device.
   void to_device(Device device);
   Device device() const { return embed_tokens.device(); }
+
+ private:
+  // The image encoder as recorded on the GPU (ops::run_recorded): made by encode_image, dropped
+  // whenever the weights change or move.
+  mutable std::shared_ptr<void> recorded_encoder_;
 };
 
 struct LoadOptions {

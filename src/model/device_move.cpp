@@ -1,4 +1,6 @@
 // Moving a loaded model between devices: every tensor field, once, at load.
+#include <cstring>
+
 #include "moxin/model.h"
 #include "moxin/quantize.h"
 
@@ -20,6 +22,29 @@ void move(Linear& l, Device device) {
     move(q->biases, device);
     l.quantized = std::move(q);
   }
+}
+
+// Moves two layers whose products share an input, with b's weights placed right after a's in
+// one allocation when they have the same shape and type: the GPU then runs both products as
+// one batched product (prefill's k/v and gate/up). The bytes are those of the two moves.
+void move_side_by_side(Linear& a, Linear& b, Device device) {
+  const Tensor &wa = a.weight, &wb = b.weight;
+  if (device != Device::CUDA || a.quantized || b.quantized || !wa.defined() || !wb.defined() ||
+      wa.device() != Device::CPU || wb.device() != Device::CPU || wa.ndim() != 2 ||
+      wa.shape() != wb.shape() || wa.dtype() != wb.dtype()) {
+    move(a, device);
+    move(b, device);
+    return;
+  }
+  const int64_t N = wa.dim(0);
+  Tensor both = Tensor::empty({2 * N, wa.dim(1)}, wa.dtype());
+  std::memcpy(both.raw_mut(), wa.raw(), wa.nbytes());
+  std::memcpy(static_cast<char*>(both.raw_mut()) + wa.nbytes(), wb.raw(), wb.nbytes());
+  both = both.to_device(device);
+  a.weight = both.slice_rows(0, N);
+  b.weight = both.slice_rows(N, 2 * N);
+  move(a.bias, device);
+  move(b.bias, device);
 }
 
 void move(LayerNorm& n, Device device) {
@@ -49,6 +74,7 @@ void move(ViTEncoder& enc, Device device) {
 
 void MoxinVLM::to_device(Device device) {
   if (device == this->device()) return;
+  recorded_encoder_.reset();  // it holds the old weights' addresses
   const bool tied = lm_head.weight.defined() && lm_head.weight.raw() == embed_tokens.raw();
   move(dino, device);
   move(siglip, device);
@@ -59,10 +85,10 @@ void MoxinVLM::to_device(Device device) {
   for (DecoderLayer& layer : layers) {
     move(layer.input_layernorm.weight, device);
     move(layer.post_attention_layernorm.weight, device);
-    for (Linear* l : {&layer.self_attn.q_proj, &layer.self_attn.k_proj, &layer.self_attn.v_proj,
-                      &layer.self_attn.o_proj, &layer.mlp.gate_proj, &layer.mlp.up_proj,
-                      &layer.mlp.down_proj})
+    for (Linear* l : {&layer.self_attn.q_proj, &layer.self_attn.o_proj, &layer.mlp.down_proj})
       move(*l, device);
+    move_side_by_side(layer.self_attn.k_proj, layer.self_attn.v_proj, device);
+    move_side_by_side(layer.mlp.gate_proj, layer.mlp.up_proj, device);
   }
   move(norm.weight, device);
   if (tied && !lm_head.quantized) {

@@ -64,14 +64,19 @@ Tensor MoxinVLM::encode_image(const Tensor& dino_image, const Tensor& siglip_ima
                 "same B, got " +
                     shape_to_string(dino_image.shape()) + " and " +
                     shape_to_string(siglip_image.shape()));
-  // The towers are independent and neither fills a GPU alone: they run side by side there.
-  Tensor a, b;
-  ops::run_concurrently(
-      device(), [&] { a = dino.forward(dino_image.to_device(device())); },  // [B, N, Dd]
-      [&] { b = siglip.forward(siglip_image.to_device(device())); });       // [B, N, Ds]
-  if (b.dim(1) != a.dim(1))
-    throw_error(ErrorKind::Compute, "towers disagree on the number of patches");
-  return projector.forward(ops::concat({a, b}, 2));  // [B, N, Dd + Ds] -> [B, N, hidden]
+  // Its shapes follow the images' alone: on a GPU it is recorded once and replayed.
+  return ops::run_recorded(
+      device(), recorded_encoder_, {dino_image.to_device(device()), siglip_image.to_device(device())},
+      [this](const std::vector<Tensor>& images) {
+        // The towers are independent and neither fills a GPU alone: they run side by side there.
+        Tensor a, b;
+        ops::run_concurrently(
+            device(), [&] { a = dino.forward(images[0]); },  // [B, N, Dd]
+            [&] { b = siglip.forward(images[1]); });        // [B, N, Ds]
+        if (b.dim(1) != a.dim(1))
+          throw_error(ErrorKind::Compute, "towers disagree on the number of patches");
+        return projector.forward(ops::concat({a, b}, 2));  // [B, N, Dd + Ds] -> [B, N, hidden]
+      });
 }
 
 Tensor MoxinVLM::embed(const Tensor& input_ids) const {

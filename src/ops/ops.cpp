@@ -532,4 +532,14 @@ void run_concurrently(Device device, const std::function<void()>& first,
   second();
 }
 
+Tensor run_recorded(Device device, std::shared_ptr<void>& state, const std::vector<Tensor>& inputs,
+                    const std::function<Tensor(const std::vector<Tensor>&)>& body) {
+#if MOXIN_WITH_CUDA
+  if (device == Device::CUDA) return cuda::run_recorded(state, inputs, body);
+#endif
+  (void)device;
+  (void)state;
+  return body(inputs);
+}
+
 }  // namespace moxin::ops

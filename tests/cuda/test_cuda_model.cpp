@@ -93,6 +93,29 @@ TEST_P(CudaParity, EveryStageMatchesTheReference) {
   EXPECT_GE(d.cosine, 0.9995);
 }
 
+// The device move places each layer's k/v and gate/up weights side by side (one batched
+// product each at prefill); each still holds exactly its own rows.
+TEST_P(CudaParity, PairedWeightsSitSideBySide) {
+  const MoxinVLM host = load_model(checkpoint_);
+  const MoxinVLM model = load_model(checkpoint_, LoadOptions{Device::CUDA});
+  for (size_t i = 0; i < model.layers.size(); ++i) {
+    const DecoderLayer &layer = model.layers[i], &expected = host.layers[i];
+    const std::pair<const Linear*, const Linear*> pairs[] = {
+        {&layer.self_attn.k_proj, &layer.self_attn.v_proj}, {&layer.mlp.gate_proj, &layer.mlp.up_proj}};
+    for (const auto& [a, b] : pairs) {
+      if (a->quantized) continue;
+      EXPECT_EQ(static_cast<const char*>(a->weight.raw()) + a->weight.nbytes(), b->weight.raw());
+    }
+    for (const auto& [got, want] : {std::pair{&layer.self_attn.v_proj, &expected.self_attn.v_proj},
+                                    {&layer.mlp.up_proj, &expected.mlp.up_proj}}) {
+      if (got->quantized) continue;
+      const auto d = test::compare(got->weight.to_device(Device::CPU).to(DType::F32),
+                                   want->weight.to(DType::F32));
+      EXPECT_EQ(d.max_abs, 0.0);
+    }
+  }
+}
+
 #if MOXIN_WITH_CUDA
 // Greedy decoding, 32 tokens: eager CUDA, the recorded graph (teacher-forced with the
 // reference's tokens, and free-running) and the CPU path, all against the reference ids.
@@ -258,6 +281,48 @@ TEST(CudaGenerate, GraphDecodingGivesTheEagerAnswer) {
     std::printf("[generate %s] graph %.1f tok/s, eager %.1f tok/s\n", sampled ? "sampled" : "greedy",
                 graphed.decode_tokens_per_s, eager.decode_tokens_per_s);
   }
+}
+
+// The image encoder runs as it is on its first call with given image shapes, is recorded on
+// the second and replayed after (ops::run_recorded): every call must give what a fresh model's
+// first call gives for the same images, and a result must survive later replays.
+TEST(CudaRecorded, EncoderReplaysGiveTheEagerAnswer) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  const auto dir = test::checkpoint_dir("real-towers");
+  if (dir.empty()) GTEST_SKIP() << "real-towers checkpoint not generated";
+  MoxinVLM model = load_model(dir, LoadOptions{Device::CUDA});
+  const int64_t Sd = model.dino.config.image_size, Ss = model.siglip.config.image_size;
+  auto images = [&](int64_t batch, uint32_t seed) {
+    return std::pair{test::random_tensor({batch, Sd, Sd, 3}, seed),
+                     test::random_tensor({batch, Ss, Ss, 3}, seed + 1)};
+  };
+  // What a model that never recorded gives: its first call with these shapes.
+  auto fresh = [&](const std::pair<Tensor, Tensor>& im) {
+    MoxinVLM m = load_model(dir, LoadOptions{Device::CUDA});
+    return m.encode_image(im.first, im.second).to_device(Device::CPU);
+  };
+  auto expect_same = [](const Tensor& got, const Tensor& want, const std::string& what) {
+    const auto d = test::compare(got.to_device(Device::CPU), want);
+    std::printf("[recorded encoder] %s: %s\n", what.c_str(), d.to_string().c_str());
+    EXPECT_LE(d.max_rel, 1e-6) << what;
+  };
+  const auto a = images(1, 11), b = images(1, 21), c = images(1, 31);
+  const Tensor first = model.encode_image(a.first, a.second);     // as it is
+  const Tensor second = model.encode_image(b.first, b.second);    // recorded, then replayed
+  const Tensor third = model.encode_image(c.first, c.second);     // replayed
+  const Tensor again = model.encode_image(a.first, a.second);     // replayed
+  expect_same(first, fresh(a), "first call");
+  expect_same(second, fresh(b), "recording call");
+  expect_same(third, fresh(c), "replay");
+  expect_same(again, first.to_device(Device::CPU), "replay of the first images");
+  expect_same(second, fresh(b), "recording call's result after later replays");
+  // Another batch size is another recording, kept beside the first.
+  const auto pair = images(2, 41);
+  const Tensor batch_first = model.encode_image(pair.first, pair.second);
+  const Tensor batch_replayed = model.encode_image(pair.first, pair.second);
+  expect_same(batch_replayed, batch_first.to_device(Device::CPU), "batch of two, replayed");
+  expect_same(model.encode_image(c.first, c.second), third.to_device(Device::CPU),
+              "batch of one after the batch of two");
 }
 
 TEST(CudaDevice, CpuPathStillWorksAndModelsMove) {

@@ -421,6 +421,42 @@ TEST(CudaOps, ProducersWritingBf16InputsMatchCpu) {
     }
 }
 
+// Two bf16 layers whose weights share one allocation, b's right after a's (as the model's
+// device move places k/v and gate/up): their products of one input run as one batched product
+// at many rows. Against the CPU, beside a third layer and with the norm folded in.
+TEST(CudaOps, SideBySideLayersMatchCpu) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  uint32_t seed = 1300;
+  const int64_t N = 1000, K = 1088;
+  const Tensor w = random_tensor({2 * N, K}, ++seed, 0.05f).to(DType::BF16);
+  const Tensor wa = w.slice_rows(0, N), wb = w.slice_rows(N, 2 * N);
+  const Tensor wq = random_tensor({33, K}, ++seed, 0.05f).to(DType::BF16);
+  const Tensor both = gpu(w);
+  const Linear ca{wa, Tensor(), nullptr}, cb{wb, Tensor(), nullptr}, cq{wq, Tensor(), nullptr};
+  const Linear ga{both.slice_rows(0, N), Tensor(), nullptr};
+  const Linear gb{both.slice_rows(N, 2 * N), Tensor(), nullptr};
+  const Linear gq{gpu(wq), Tensor(), nullptr};
+  const RMSNorm norm{random_tensor({K}, ++seed, 0.5f), 1e-5f};
+  const RMSNorm gnorm{gpu(norm.weight), norm.eps};
+  Linear down_ref, down;
+  random_layer_pair(K, N, 0, seed, down_ref, down);
+  for (int64_t M : {3, 17, 261}) {
+    const std::string what = "M " + std::to_string(M);
+    const double tol = M <= 8 ? 1e-5 : 1e-2;
+    const Tensor x = random_tensor({1, M, K}, ++seed);
+    const Tensor h = ops::rms_norm(x, norm);
+    const std::vector<Tensor> got = ops::linear_same_input(gpu(x), {&gq, &ga, &gb}, &gnorm);
+    ASSERT_EQ(got.size(), 3u);
+    expect_close(got[0], ops::linear(h, cq), tol, "q " + what);
+    expect_close(got[1], ops::linear(h, ca), tol, "a " + what);
+    expect_close(got[2], ops::linear(h, cb), tol, "b " + what);
+    Tensor expected = x.clone(), y = gpu(x);
+    ops::swiglu_mlp_accumulate(expected, ca, cb, down_ref, &norm);
+    ops::swiglu_mlp_accumulate(y, ga, gb, down, &gnorm);
+    expect_close(y, expected, tol, "swiglu_mlp_accumulate " + what);
+  }
+}
+
 TEST(CudaOps, NormsMatchCpu) {
   MOXIN_SKIP_WITHOUT_GPU();
   uint32_t seed = 200;

@@ -1,7 +1,10 @@
 #include "backend/cuda/cuda_graph.h"
 
 #include <chrono>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 #include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/cuda_runtime.h"
@@ -303,6 +306,119 @@ std::vector<int32_t> DecodeGraph::generate_greedy(const Tensor& prefill_logits, 
   MOXIN_CUDA_CHECK(cudaStreamSynchronize(stream()));
   host_us_per_token_ = count > 2 ? host_s / double(count - 2) * 1e6 : 0.0;
   return std::vector<int32_t>(slots, slots + count);
+}
+
+// ------------------------------------------------------------------------------------------
+// Recorded fixed-shape work (ops::run_recorded). Issuing the image encoder's ~500 launches
+// takes the host longer than the GPU takes to run them (H100: 3.7 ms of issue for a 4.4 ms
+// encode with the towers side by side; 5.4 of 5.5 ms one after the other), so the encode is
+// recorded once per input shapes and replayed. Intermediates are allocated inside the
+// recording (graph memory nodes, reused within the graph), so nothing but the inputs and the
+// output needs a fixed address: the graph copies its result into `output`, and each call
+// returns a copy of that, which later replays never touch.
+
+namespace {
+
+struct Recording {
+  std::vector<Tensor> inputs;  // where each replay's inputs are copied first
+  Tensor output;               // where the graph leaves its result
+  cudaGraphExec_t exec = nullptr;
+  ~Recording() {
+    if (exec) cudaGraphExecDestroy(exec);
+  }
+};
+
+struct ShapeRecord {
+  int completed = 0;       // calls with these input shapes that ran body to its end
+  bool recordable = true;  // false once a recording failed
+  Shape out_shape;         // of the first (eager) call's result
+  DType out_dtype = DType::F32;
+  std::unique_ptr<Recording> recording;
+};
+
+struct Recordings {
+  std::mutex mutex;  // one replay at a time: they share the input and output buffers
+  std::map<std::vector<std::pair<Shape, DType>>, ShapeRecord> by_shape;
+};
+
+bool recording_enabled() {
+  static const bool on = [] {  // MOXIN_CUDA_RECORD=0: always run the work as it is
+    const char* v = std::getenv("MOXIN_CUDA_RECORD");
+    return !(v && v[0] == '0');
+  }();
+  return on;
+}
+
+void copy_into(Tensor& dst, const Tensor& src) {
+  copy(dst.raw_mut(), true, src.raw(), src.device() == Device::CUDA, src.nbytes());
+}
+
+// Records body over fresh input buffers; null (and the stream left usable) when the work
+// cannot be recorded (it synchronises, or calls something a capture forbids).
+std::unique_ptr<Recording> record(const std::vector<Tensor>& inputs, const ShapeRecord& r,
+                                  const std::function<Tensor(const std::vector<Tensor>&)>& body) {
+  auto rec = std::make_unique<Recording>();
+  for (const Tensor& t : inputs) {
+    rec->inputs.push_back(Tensor::empty(t.shape(), t.dtype(), Device::CUDA));
+    copy_into(rec->inputs.back(), t);
+  }
+  rec->output = Tensor::empty(r.out_shape, r.out_dtype, Device::CUDA);
+  MOXIN_CUDA_CHECK(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeThreadLocal));
+  bool ok = true;
+  try {
+    const Tensor out = body(rec->inputs);
+    if (out.shape() != r.out_shape || out.dtype() != r.out_dtype || out.device() != Device::CUDA)
+      ok = false;
+    else
+      copy_into(rec->output, out);
+  } catch (...) {  // the work then runs as it is, and reports its own error if it has one
+    ok = false;
+  }
+  cudaGraph_t graph = nullptr;
+  const cudaError_t ended = cudaStreamEndCapture(stream(), &graph);
+  if (ended != cudaSuccess) {
+    cudaGetLastError();  // an invalidated capture is not sticky
+    ok = false;
+  }
+  if (ok && cudaGraphInstantiate(&rec->exec, graph, 0) != cudaSuccess) {
+    cudaGetLastError();
+    rec->exec = nullptr;
+    ok = false;
+  }
+  if (graph) cudaGraphDestroy(graph);
+  return ok ? std::move(rec) : nullptr;
+}
+
+}  // namespace
+
+Tensor run_recorded(std::shared_ptr<void>& state, const std::vector<Tensor>& inputs,
+                    const std::function<Tensor(const std::vector<Tensor>&)>& body) {
+  if (!recording_enabled()) return body(inputs);
+  for (const Tensor& t : inputs)
+    if (!t.defined()) return body(inputs);  // let the work report it
+  if (!state) state = std::make_shared<Recordings>();
+  auto& all = *static_cast<Recordings*>(state.get());
+  std::lock_guard<std::mutex> lock(all.mutex);
+  std::vector<std::pair<Shape, DType>> key;
+  for (const Tensor& t : inputs) key.emplace_back(t.shape(), t.dtype());
+  ShapeRecord& r = all.by_shape[key];
+  if (!r.recording && r.recordable && r.completed >= 1) {
+    r.recording = record(inputs, r, body);
+    r.recordable = r.recording != nullptr;
+  }
+  if (!r.recording) {
+    // The first call (which also settles every lazily made kernel setting and product plan
+    // outside a recording), or work that cannot be recorded.
+    Tensor out = body(inputs);
+    r.out_shape = out.shape();
+    r.out_dtype = out.dtype();
+    ++r.completed;
+    return out;
+  }
+  Recording& rec = *r.recording;
+  for (size_t i = 0; i < inputs.size(); ++i) copy_into(rec.inputs[i], inputs[i]);
+  MOXIN_CUDA_CHECK(cudaGraphLaunch(rec.exec, stream()));
+  return rec.output.clone();
 }
 
 }  // namespace moxin::cuda

@@ -375,23 +375,31 @@ struct GemmPlan {
   bool fused_bias = false;
 };
 
-using PlanKey = std::tuple<int64_t, int64_t, int64_t, int, bool, int>;
+// One product's form: `batch` products share x and write consecutive [M, N] outputs, their
+// weights consecutive [N, K] matrices (layers placed side by side at load).
+struct GemmShape {
+  int64_t M, N, K;
+  cudaDataType type, out_type;
+  bool bias;
+  int batch;
+  auto key() const { return std::make_tuple(M, N, K, int(type), int(out_type), bias, batch); }
+};
 
-// Plans live for the process: one per shape seen (a model has a few dozen).
-GemmPlan* find_plan(int64_t M, int64_t N, int64_t K, cudaDataType type, bool bias,
-                    cudaDataType out_type) {
+// Plans live for the process: one per shape seen (a model has a few dozen). cuBLASLt's first
+// pick is kept: timing its next seven picks per shape and keeping the fastest (H100, every
+// prefill and tower shape) changed neither the prefill nor the vision time measurably.
+GemmPlan* find_plan(const GemmShape& s) {
   static std::mutex mutex;
-  static std::map<PlanKey, GemmPlan> plans;
+  static std::map<decltype(s.key()), GemmPlan> plans;
   std::lock_guard<std::mutex> lock(mutex);
-  const PlanKey key{M, N, K, int(type), bias, int(out_type)};
-  auto it = plans.find(key);
+  auto it = plans.find(s.key());
   if (it != plans.end()) return &it->second;
 
   size_t workspace_bytes = 0;
   cublaslt_workspace(&workspace_bytes);
   const cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
   GemmPlan plan;
-  for (bool fused : {bias, false}) {
+  for (bool fused : {s.bias, false}) {
     MOXIN_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, compute, CUDA_R_32F));
     const cublasOperation_t transa = CUBLAS_OP_T, transb = CUBLAS_OP_N;
     MOXIN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA,
@@ -406,10 +414,24 @@ GemmPlan* find_plan(int64_t M, int64_t N, int64_t K, cudaDataType type, bool bia
       MOXIN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(
           plan.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type));
     }
-    MOXIN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, type, uint64_t(K), uint64_t(N), K));
-    MOXIN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, type, uint64_t(K), uint64_t(M), K));
     MOXIN_CUBLAS_CHECK(
-        cublasLtMatrixLayoutCreate(&plan.c, out_type, uint64_t(N), uint64_t(M), N));
+        cublasLtMatrixLayoutCreate(&plan.a, s.type, uint64_t(s.K), uint64_t(s.N), s.K));
+    MOXIN_CUBLAS_CHECK(
+        cublasLtMatrixLayoutCreate(&plan.b, s.type, uint64_t(s.K), uint64_t(s.M), s.K));
+    MOXIN_CUBLAS_CHECK(
+        cublasLtMatrixLayoutCreate(&plan.c, s.out_type, uint64_t(s.N), uint64_t(s.M), s.N));
+    if (s.batch > 1) {
+      const int32_t count = s.batch;
+      const int64_t strides[3] = {s.N * s.K, 0, s.M * s.N};  // weights, shared x, outputs
+      const cublasLtMatrixLayout_t layouts[3] = {plan.a, plan.b, plan.c};
+      for (int i = 0; i < 3; ++i) {
+        MOXIN_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(
+            layouts[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count));
+        MOXIN_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(
+            layouts[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &strides[i],
+            sizeof strides[i]));
+      }
+    }
     cublasLtMatmulPreference_t pref = nullptr;
     MOXIN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     MOXIN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
@@ -422,7 +444,7 @@ GemmPlan* find_plan(int64_t M, int64_t N, int64_t K, cudaDataType type, bool bia
     if (status == CUBLAS_STATUS_SUCCESS && found > 0) {
       plan.algo = result.algo;
       plan.fused_bias = fused;
-      return &plans.emplace(key, plan).first->second;
+      return &plans.emplace(s.key(), plan).first->second;
     }
     cublasLtMatmulDescDestroy(plan.desc);
     cublasLtMatrixLayoutDestroy(plan.a);
@@ -430,20 +452,22 @@ GemmPlan* find_plan(int64_t M, int64_t N, int64_t K, cudaDataType type, bool bia
     cublasLtMatrixLayoutDestroy(plan.c);
     if (!fused) break;
   }
-  throw_error(ErrorKind::Compute, "cuBLASLt has no algorithm for a " + std::to_string(M) + "x" +
-                                      std::to_string(N) + "x" + std::to_string(K) + " product");
+  throw_error(ErrorKind::Compute, "cuBLASLt has no algorithm for a " + std::to_string(s.M) + "x" +
+                                      std::to_string(s.N) + "x" + std::to_string(s.K) +
+                                      " product");
 }
 
-// w [N, K] and x [M, K] of `type`, y [M, N] of `out_type` (f32, or bf16 for products whose
-// outputs only feed an element-wise kernel, which then reads half the bytes): y = x W^T + bias,
-// or y += x W^T + bias when `accumulate` (cuBLASLt reads y as C with beta = 1: no temporary,
-// no separate add). The unfused bias fallback is float32 only.
+// w [batch, N, K] and x [M, K] of `type`, y [batch, M, N] of `out_type` (f32, or bf16 for
+// products whose outputs only feed an element-wise kernel, which then reads half the bytes):
+// y = x W^T + bias, or y += x W^T + bias when `accumulate` (cuBLASLt reads y as C with beta =
+// 1: no temporary, no separate add). The unfused bias fallback is float32 and batch 1 only.
 void gemm(const void* w, const void* x, cudaDataType type, int64_t M, int64_t N, int64_t K,
           const float* bias, void* y, bool accumulate = false,
-          cudaDataType out_type = CUDA_R_32F) {
-  GemmPlan* plan = find_plan(M, N, K, type, bias != nullptr, out_type);
-  if (bias && !plan->fused_bias && out_type != CUDA_R_32F)
-    throw_error(ErrorKind::Compute, "cuBLASLt cannot add this bias to a 16-bit output");
+          cudaDataType out_type = CUDA_R_32F, int batch = 1) {
+  const GemmShape shape{M, N, K, type, out_type, bias != nullptr, batch};
+  GemmPlan* plan = find_plan(shape);
+  if (bias && !plan->fused_bias && (out_type != CUDA_R_32F || batch > 1))
+    throw_error(ErrorKind::Compute, "cuBLASLt cannot add this bias to this product");
   if (plan->fused_bias)
     MOXIN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(
         plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
@@ -1531,20 +1555,47 @@ bool bf16_products(const std::vector<const Linear*>& layers, int64_t M, int64_t 
   return true;
 }
 
+// Whether b's bf16 weights lie right after a's, same shape, neither with a bias: the two
+// products of one input then run as one strided-batched product (see move_side_by_side in
+// the model's device move). MOXIN_CUDA_BATCHED_PRODUCTS=0 runs them one by one.
+bool side_by_side(const Linear& a, const Linear& b) {
+  static const bool enabled = [] {
+    const char* v = std::getenv("MOXIN_CUDA_BATCHED_PRODUCTS");
+    return !(v && std::strcmp(v, "0") == 0);
+  }();
+  return enabled && !a.quantized && !b.quantized && !a.bias.defined() && !b.bias.defined() &&
+         a.weight.dtype() == DType::BF16 && b.weight.dtype() == DType::BF16 &&
+         a.weight.device() == Device::CUDA && b.weight.device() == Device::CUDA &&
+         a.weight.shape() == b.weight.shape() &&
+         static_cast<const char*>(a.weight.raw()) + a.weight.nbytes() == b.weight.raw();
+}
+
 // Products of x (normalised by `norm` when given) rounded to bf16 once, in one kernel, and
 // read by every layer's cuBLASLt product; outputs in `out_dtype` (F32 or BF16).
 std::vector<Tensor> bf16_row_products(const Tensor& x, const std::vector<const Linear*>& layers,
                                       const RMSNorm* norm, DType out_dtype) {
   const int64_t K = x.dim(-1), M = x.numel() / K;
   const Tensor xb = norm ? rms_norm_bf16(x, *norm) : narrowed<__nv_bfloat16>(x, DType::BF16);
+  const cudaDataType out_type = out_dtype == DType::BF16 ? CUDA_R_16BF : CUDA_R_32F;
   std::vector<Tensor> out;
-  for (const Linear* l : layers) {
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const Linear& l = *layers[i];
     Shape shape = x.shape();
-    shape.back() = l->out_features();
+    shape.back() = l.out_features();
+    if (i + 1 < layers.size() && side_by_side(l, *layers[i + 1])) {
+      // Both products in one batched launch, their outputs in one allocation.
+      Tensor both = Tensor::empty({2, M * l.out_features()}, out_dtype, Device::CUDA);
+      gemm(l.weight.raw(), xb.raw(), CUDA_R_16BF, M, l.out_features(), K, nullptr,
+           both.raw_mut(), false, out_type, 2);
+      out.push_back(both.slice_rows(0, 1).reshape(shape));
+      out.push_back(both.slice_rows(1, 2).reshape(shape));
+      ++i;
+      continue;
+    }
     Tensor y = Tensor::empty(shape, out_dtype, Device::CUDA);
     Tensor holder;
-    gemm(bf16_weights(*l, holder), xb.raw(), CUDA_R_16BF, M, l->out_features(), K, bias_of(*l),
-         y.raw_mut(), false, out_dtype == DType::BF16 ? CUDA_R_16BF : CUDA_R_32F);
+    gemm(bf16_weights(l, holder), xb.raw(), CUDA_R_16BF, M, l.out_features(), K, bias_of(l),
+         y.raw_mut(), false, out_type);
     out.push_back(std::move(y));
   }
   return out;

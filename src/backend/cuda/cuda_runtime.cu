@@ -251,6 +251,9 @@ MemoryStats memory_stats() {
   MOXIN_CUDA_CHECK(cudaMemPoolGetAttribute(rt.pool_, cudaMemPoolAttrUsedMemHigh, &value));
   s.pool_used_peak = value;
   s.other_bytes = size_t(rt.other_bytes_.load());
+  // Recorded graphs allocate their intermediates from the device's graph memory pool.
+  MOXIN_CUDA_CHECK(cudaDeviceGetGraphMemAttribute(0, cudaGraphMemAttrReservedMemHigh, &value));
+  s.other_bytes += size_t(value);
   size_t free_bytes = 0, total = 0;
   MOXIN_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total));
   s.device_used = total - free_bytes;
@@ -263,6 +266,7 @@ void reset_peak_memory() {
   uint64_t zero = 0;
   MOXIN_CUDA_CHECK(cudaMemPoolSetAttribute(rt.pool_, cudaMemPoolAttrReservedMemHigh, &zero));
   MOXIN_CUDA_CHECK(cudaMemPoolSetAttribute(rt.pool_, cudaMemPoolAttrUsedMemHigh, &zero));
+  MOXIN_CUDA_CHECK(cudaDeviceSetGraphMemAttribute(0, cudaGraphMemAttrReservedMemHigh, &zero));
 }
 
 double measure_copy_bandwidth_gbs(size_t bytes) {

@@ -7,6 +7,9 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
+
+#include "moxin/tensor.h"
 
 namespace moxin::cuda {
 
@@ -25,10 +28,15 @@ void synchronize();
 // calls inside a decode-graph recording run the two in turn.
 void run_concurrently(const std::function<void()>& first, const std::function<void()>& second);
 
+// ops::run_recorded on the GPU (cuda_graph.cu).
+Tensor run_recorded(std::shared_ptr<void>& state, const std::vector<Tensor>& inputs,
+                    const std::function<Tensor(const std::vector<Tensor>&)>& body);
+
 struct MemoryStats {
   size_t pool_reserved_peak = 0;  // high-water mark of the stream-ordered pool (weights too)
   size_t pool_used_peak = 0;      // high-water mark of live pool allocations
-  size_t other_bytes = 0;         // cuBLASLt workspace, decode-graph arenas
+  size_t other_bytes = 0;         // cuBLASLt workspace, decode-graph arenas, recorded graphs'
+                                  // intermediates (their pool's high-water mark)
   size_t device_used = 0;         // total - free as the driver reports it (context included)
   size_t device_total = 0;
 };
