@@ -12,7 +12,8 @@
 #        kernels as the same-run baseline, decode counters and the kernel times of vision +
 #        prefill; ttft: tests, the bf16 bench and the kernel times of vision + prefill;
 #        attn: tests, then Nsight Compute on the prefill attention kernel with its source view;
-#        prefill_ab: tests, then TTFT runs under several settings)
+#        prefill_ab: tests, then TTFT runs under several settings;
+#        decode_ab: tests, then bf16 and 4-bit decode with and without $AB_ENV set)
 set -uo pipefail
 what="${1:-all}"
 build="${2:-build-cuda2}"
@@ -37,7 +38,8 @@ if [[ $what != tests ]]; then
        >/tmp/gen_full.log 2>&1; echo "full: rc=$?" >>/tmp/gen_full.log) &
 fi
 if [[ $what == tests || $what == all || $what == profile || $what == final || $what == pdl ||
-      $what == quick || $what == ttft || $what == attn || $what == prefill_ab ]]; then
+      $what == quick || $what == ttft || $what == attn || $what == prefill_ab ||
+      $what == decode_ab ]]; then
   for v in tiny-hf tiny-native tiny-f32 real-towers; do
     (python3 reference/make_checkpoints.py --variant "$v" --out "tests/fixtures/checkpoints/$v" \
        >"/tmp/gen_$v.log" 2>&1) &
@@ -119,6 +121,22 @@ if [[ $what != tests ]]; then
       python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('decode_tok_s','decode_fraction_of_roofline','ttft_ms','vision_ms','prefill_ms')})" "$out/ttft_bf16_side$side.json"
     done
     bench/gpu/profile_prefill.sh "$dist/moxin-vlm" /tmp/moxin-full "$out/prefill_kernels.txt" 16
+    pack
+    exit 0
+  fi
+  if [[ $what == decode_ab ]]; then
+    # Decode at bf16 and 4-bit with and without one change ($AB_ENV, e.g. MOXIN_X=1), in turn.
+    i=0
+    for run in "16 new" "16 old" "4 new" "4 old" "16 new" "16 old" "4 new" "4 old"; do
+      set -- $run
+      i=$((i + 1))
+      quant=(); [[ $1 != 16 ]] && quant=(--quantize $1 --group-size 64)
+      cfg=""; [[ $2 == old ]] && cfg="${AB_ENV:-}"
+      env $cfg timeout 200 "$dist/moxin-vlm" bench --model /tmp/moxin-full --device cuda \
+        --prompt-tokens 24 --decode-tokens 128 "${quant[@]}" >"$out/dab_$i.json" 2>"$out/dab_$i.err"
+      echo "run $i [$1 bits, $2${cfg:+: $cfg}]:"
+      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('decode_tok_s','decode_fraction_of_roofline','ttft_ms','vision_ms','prefill_ms','peak_gpu_mem_over_weights_kv_gb')})" "$out/dab_$i.json"
+    done
     pack
     exit 0
   fi

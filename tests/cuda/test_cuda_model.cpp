@@ -27,6 +27,7 @@
 
 #if MOXIN_WITH_CUDA
 #include "backend/cuda/cuda_graph.h"
+#include "backend/cuda/cuda_runtime.h"
 #endif
 
 namespace moxin {
@@ -308,7 +309,20 @@ TEST(CudaRecorded, EncoderReplaysGiveTheEagerAnswer) {
   };
   const auto a = images(1, 11), b = images(1, 21), c = images(1, 31);
   const Tensor first = model.encode_image(a.first, a.second);     // as it is
+#if MOXIN_WITH_CUDA
+  const cuda::MemoryStats before = cuda::memory_stats();
+#endif
   const Tensor second = model.encode_image(b.first, b.second);    // recorded, then replayed
+#if MOXIN_WITH_CUDA
+  // The recording's intermediates come from the graph memory pool, reused within the graph
+  // (earlier recordings of this process may have reserved them already): far less than one
+  // intermediate per op would take.
+  const cuda::MemoryStats after = cuda::memory_stats();
+  std::printf("[recorded encoder] other GPU memory %.1f -> %.1f MB, device use %.1f -> %.1f MB\n",
+              double(before.other_bytes) / 1e6, double(after.other_bytes) / 1e6,
+              double(before.device_used) / 1e6, double(after.device_used) / 1e6);
+  EXPECT_LT(double(after.device_used) - double(before.device_used), 128e6);
+#endif
   const Tensor third = model.encode_image(c.first, c.second);     // replayed
   const Tensor again = model.encode_image(a.first, a.second);     // replayed
   expect_same(first, fresh(a), "first call");

@@ -900,7 +900,8 @@ void launch_mma_attention(const AttnArgs& a, int64_t B) {
 // split count follows the cache's capacity (fixed when a step is recorded), blocks past the
 // current length write an empty partial, so long histories get splits * Hq blocks instead of Hq.
 constexpr int kDecodeWarps = 8;
-constexpr int kSplitKeys = 64;
+constexpr int kDecodeKeys = 8;  // keys per warp and step
+constexpr int kSplitKeys = kDecodeWarps * kDecodeKeys;
 template <bool kSplit>
 __global__ void __launch_bounds__(kDecodeWarps * 32)
     decode_attention_kernel(AttnArgs a, float* __restrict__ partials, int* __restrict__ arrivals) {
@@ -935,24 +936,49 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
   }
   const float* kbase = a.k + b * a.kv_batch + g * a.kv_head;
   const float* vbase = a.v + b * a.kv_batch + g * a.kv_head;
+  // Each warp takes kDecodeKeys consecutive keys per step, their key and value rows loaded
+  // together before any arithmetic: one memory latency per step instead of one per key (a
+  // split block's 64 keys are one step of its 8 warps), and the keys' dot products reduce
+  // across the warp side by side. (Key by key: H100 bf16 decode 162.1-162.2 tok/s, 4-bit
+  // 304-317; this way 164.6-164.7 and 326.1-326.6 in the same call.)
   float m = -INFINITY, l = 0.0f;
-  for (int64_t j = begin + warp; j < end; j += kDecodeWarps) {
-    const float* kr = kbase + j * a.kv_row;
-    float s = 0.0f;
+  for (int64_t j0 = begin + warp * kDecodeKeys; j0 < end; j0 += kDecodeWarps * kDecodeKeys) {
+    float kr[kDecodeKeys][4], vr[kDecodeKeys][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int d = lane + 32 * i;
-      if (d < Dh) s += q[i] * kr[d];
+    for (int t = 0; t < kDecodeKeys; ++t) {
+      const bool valid = j0 + t < end;
+      const float* krow = kbase + (j0 + t) * a.kv_row;
+      const float* vrow = vbase + (j0 + t) * a.kv_row;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int d = lane + 32 * i;
+        kr[t][i] = valid && d < Dh ? krow[d] : 0.0f;
+        vr[t][i] = valid && d < Dh ? vrow[d] : 0.0f;
+      }
     }
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    const float m_new = fmaxf(m, s);
-    const float correction = exp2f(m - m_new), p = exp2f(s - m_new);
-    l = l * correction + p;
-    const float* vr = vbase + j * a.kv_row;
+    float s[kDecodeKeys];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int d = lane + 32 * i;
-      acc[i] = acc[i] * correction + (d < Dh ? p * vr[d] : 0.0f);
+    for (int t = 0; t < kDecodeKeys; ++t)
+      s[t] = (q[0] * kr[t][0] + q[1] * kr[t][1]) + (q[2] * kr[t][2] + q[3] * kr[t][3]);
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+      for (int t = 0; t < kDecodeKeys; ++t) s[t] += __shfl_xor_sync(0xffffffffu, s[t], o);
+    float m_new = m;
+#pragma unroll
+    for (int t = 0; t < kDecodeKeys; ++t) {
+      if (j0 + t >= end) s[t] = -INFINITY;  // key j0 is always real, so m_new is finite
+      m_new = fmaxf(m_new, s[t]);
+    }
+    const float correction = exp2f(m - m_new);
+    l *= correction;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i] *= correction;
+#pragma unroll
+    for (int t = 0; t < kDecodeKeys; ++t) {
+      const float p = exp2f(s[t] - m_new);
+      l += p;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[i] += p * vr[t][i];
     }
     m = m_new;
   }
