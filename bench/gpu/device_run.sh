@@ -125,14 +125,16 @@ if [[ $what != tests ]]; then
     exit 0
   fi
   if [[ $what == decode_ab ]]; then
-    # Decode at bf16 and 4-bit with and without one change ($AB_ENV, e.g. MOXIN_X=1), in turn.
+    # Decode at bf16 and 4-bit with and without one change, in turn: "old" runs set $AB_ENV
+    # (e.g. MOXIN_X=1), or run $AB_BIN (a baseline binary carried in the build's dist) instead.
     i=0
     for run in "16 new" "16 old" "4 new" "4 old" "16 new" "16 old" "4 new" "4 old"; do
       set -- $run
       i=$((i + 1))
       quant=(); [[ $1 != 16 ]] && quant=(--quantize $1 --group-size 64)
       cfg=""; [[ $2 == old ]] && cfg="${AB_ENV:-}"
-      env $cfg timeout 200 "$dist/moxin-vlm" bench --model /tmp/moxin-full --device cuda \
+      bin="$dist/moxin-vlm"; [[ $2 == old && -n ${AB_BIN:-} ]] && bin="$dist/$AB_BIN"
+      env $cfg timeout 200 "$bin" bench --model /tmp/moxin-full --device cuda \
         --prompt-tokens 24 --decode-tokens 128 "${quant[@]}" >"$out/dab_$i.json" 2>"$out/dab_$i.err"
       echo "run $i [$1 bits, $2${cfg:+: $cfg}]:"
       python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('decode_tok_s','decode_fraction_of_roofline','ttft_ms','vision_ms','prefill_ms','peak_gpu_mem_over_weights_kv_gb')})" "$out/dab_$i.json"

@@ -10,6 +10,8 @@ tests=(test_cuda_ops test_cuda_model test_cuda_full test_cuda_batch)
 cp "$build/moxin-vlm" "$build/dist/"
 for t in "${tests[@]}"; do cp "$build/tests/$t" "$build/dist/"; done
 cp "$(ldconfig -p | awk '/libsentencepiece.so.0 /{print $NF; exit}')" "$build/dist/"
+# A baseline binary for same-call comparisons (device_run.sh decode_ab, AB_BIN), when given.
+[[ -n ${BASE_BIN:-} ]] && cp "$BASE_BIN" "$build/dist/moxin-vlm-base" && strip "$build/dist/moxin-vlm-base"
 strip "$build/dist/moxin-vlm" "${tests[@]/#/$build/dist/}"
 tar -C "$build/dist" -cJf "$build/dist.tar.xz" .
 ls -la "$build/dist.tar.xz"

@@ -1049,6 +1049,22 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   const int rounds = (chunks + 32 * kUnroll - 1) / (32 * kUnroll);
   const int64_t my_tiles = first < segs.units ? (segs.units - 1 - first) / tile_stride + 1 : 0;
   const int64_t steps = my_tiles * rounds;
+  // Group sizes are powers of two: a chunk's group is a shift away (a division per chunk was a
+  // good share of the hot loop's instructions).
+  const int group_shift = __ffs(segs.group_size) - 1;
+  // Step s is round s % rounds of this warp's tile s / rounds: kept as running cursors (one for
+  // the copies issued ahead, one for the step computed), never divided out.
+  struct Cursor {
+    int64_t tile;
+    int round;
+  };
+  auto advance = [&](Cursor& cur) {
+    if (++cur.round == rounds) {
+      cur.round = 0;
+      cur.tile += tile_stride;
+    }
+  };
+  Cursor issued{first, 0}, computed{first, 0};
 
   // Row i of tile t (R rows of one segment; gated: R gate rows, then the same R up rows).
   struct Tile {
@@ -1066,12 +1082,13 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
     return r;
   };
   const int param_shift = segs.param_dtype == DType::F32 ? 2 : 1;  // log2 bytes per parameter
-  // Issues the copies of step s (the tile's round) into ring slot s % kFixedStages.
+  // Issues the copies of step s (at cursor `issued`, which it advances) into ring slot
+  // s % kFixedStages.
   auto issue = [&](int64_t s) {
     if (s < steps) {
-      const int64_t t = first + (s / rounds) * tile_stride;
-      const int round = int(s % rounds) * 32 * kUnroll;
-      const Tile tl = tile_of(t);
+      const int round = issued.round * 32 * kUnroll;
+      const Tile tl = tile_of(issued.tile);
+      advance(issued);
       const GemvSegment& s0 = segs.seg[tl.si];
       uint4* codes = ring_codes + (s % kFixedStages) * kSlots * 32;
       uint32_t* params = ring_params + (s % kFixedStages) * kSlots * 32 * 2;
@@ -1086,7 +1103,7 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
           if (c >= chunks) continue;
           const int slot = (u * RT + i) * 32 + lane;
           copy_async16(codes + slot, row + c);
-          const int64_t e = n * groups + c * kPerChunk / segs.group_size;
+          const int64_t e = n * groups + ((c * kPerChunk) >> group_shift);
           const int64_t word = (e << param_shift) & ~int64_t(3);
           copy_async4(params + 2 * slot, static_cast<const char*>(sg.scales) + word);
           copy_async4(params + 2 * slot + 1, static_cast<const char*>(sg.biases) + word);
@@ -1125,9 +1142,10 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
     copy_async_wait<kFixedStages - 2>();  // step s has landed
     // The slot step s - 1 used is free again (its values were consumed last iteration).
     issue(s + kFixedStages - 1);
-    const int64_t t = first + (s / rounds) * tile_stride;
-    const int round = int(s % rounds) * 32 * kUnroll;
-    const Tile tl = tile_of(t);
+    const int round = computed.round * 32 * kUnroll;
+    const bool tile_done = computed.round == rounds - 1;
+    const Tile tl = tile_of(computed.tile);
+    advance(computed);
     const uint4* codes = ring_codes + (s % kFixedStages) * kSlots * 32;
     const uint32_t* params = ring_params + (s % kFixedStages) * kSlots * 32 * 2;
 #pragma unroll
@@ -1140,7 +1158,7 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
       const float2 cp = chunk_params[c];
       // Rows hold an even number of groups, so a parameter's half of its word follows the
       // group's parity alone.
-      const int group = c * kPerChunk / segs.group_size;
+      const int group = (c * kPerChunk) >> group_shift;
 #pragma unroll
       for (int i = 0; i < RT; ++i) {
         const int slot = (u * RT + i) * 32 + lane;
@@ -1149,7 +1167,7 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
         acc[i] += sc * cp.x * float(chunk_dot_fixed<kBits>(codes[slot], xw)) + bi * cp.y;
       }
     }
-    if (s % rounds == rounds - 1) {  // the tile is complete
+    if (tile_done) {
 #pragma unroll
       for (int i = 0; i < RT; ++i)
         for (int o = 16; o > 0; o >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
