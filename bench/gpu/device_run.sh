@@ -128,7 +128,9 @@ if [[ $what != tests ]]; then
     # Decode at bf16 and 4-bit with and without one change, in turn: "old" runs set $AB_ENV
     # (e.g. MOXIN_X=1), or run $AB_BIN (a baseline binary carried in the build's dist) instead.
     i=0
-    for run in "16 new" "16 old" "4 new" "4 old" "16 new" "16 old" "4 new" "4 old"; do
+    # $AB_RUNS: "BITS new|old" items separated by commas (default: bf16 and 4-bit, twice each).
+    IFS=, read -r -a runs <<<"${AB_RUNS:-16 new,16 old,4 new,4 old,16 new,16 old,4 new,4 old}"
+    for run in "${runs[@]}"; do
       set -- $run
       i=$((i + 1))
       quant=(); [[ $1 != 16 ]] && quant=(--quantize $1 --group-size 64)

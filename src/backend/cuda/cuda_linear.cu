@@ -1052,19 +1052,21 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   // Group sizes are powers of two: a chunk's group is a shift away (a division per chunk was a
   // good share of the hot loop's instructions).
   const int group_shift = __ffs(segs.group_size) - 1;
-  // Step s is round s % rounds of this warp's tile s / rounds: kept as running cursors (one for
-  // the copies issued ahead, one for the step computed), never divided out.
+  // Step s is round s % rounds of this warp's tile s / rounds, in ring slot s % kFixedStages:
+  // kept as running cursors (one for the copies issued ahead, one for the step computed),
+  // never divided out.
   struct Cursor {
     int64_t tile;
-    int round;
+    int round, stage;
   };
   auto advance = [&](Cursor& cur) {
     if (++cur.round == rounds) {
       cur.round = 0;
       cur.tile += tile_stride;
     }
+    if (++cur.stage == kFixedStages) cur.stage = 0;
   };
-  Cursor issued{first, 0}, computed{first, 0};
+  Cursor issued{first, 0, 0}, computed{first, 0, 0};
 
   // Row i of tile t (R rows of one segment; gated: R gate rows, then the same R up rows).
   struct Tile {
@@ -1082,29 +1084,41 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
     return r;
   };
   const int param_shift = segs.param_dtype == DType::F32 ? 2 : 1;  // log2 bytes per parameter
-  // Issues the copies of step s (at cursor `issued`, which it advances) into ring slot
-  // s % kFixedStages.
+  // The rows of the tile being issued: their codes, and the byte offset of their first
+  // parameter (a multiple of 4, as rows hold an even number of groups), set at its first round.
+  const uint4* tile_codes[RT];
+  int64_t tile_params[RT];
+  int tile_segment = 0;
+  // Issues the copies of step s (at cursor `issued`, which it advances).
   auto issue = [&](int64_t s) {
     if (s < steps) {
       const int round = issued.round * 32 * kUnroll;
-      const Tile tl = tile_of(issued.tile);
+      uint4* codes = ring_codes + issued.stage * kSlots * 32;
+      uint32_t* params = ring_params + issued.stage * kSlots * 32 * 2;
+      if (issued.round == 0) {
+        const Tile tl = tile_of(issued.tile);
+        tile_segment = tl.si;
+        const GemvSegment& s0 = segs.seg[tl.si];
+#pragma unroll
+        for (int i = 0; i < RT; ++i) {
+          const GemvSegment& sg = (kGated && i >= R) ? segs.seg[1] : s0;
+          const int64_t n = tl.n0 + i % R < s0.N ? tl.n0 + i % R : s0.N - 1;  // past N: dropped
+          tile_codes[i] = static_cast<const uint4*>(sg.w) + n * chunks;
+          tile_params[i] = (n * groups) << param_shift;
+        }
+      }
       advance(issued);
-      const GemvSegment& s0 = segs.seg[tl.si];
-      uint4* codes = ring_codes + (s % kFixedStages) * kSlots * 32;
-      uint32_t* params = ring_params + (s % kFixedStages) * kSlots * 32 * 2;
 #pragma unroll
       for (int i = 0; i < RT; ++i) {
-        const GemvSegment& sg = (kGated && i >= R) ? segs.seg[1] : s0;
-        const int64_t n = tl.n0 + i % R < s0.N ? tl.n0 + i % R : s0.N - 1;  // past N: dropped
-        const uint4* row = static_cast<const uint4*>(sg.w) + n * chunks;
+        const GemvSegment& sg = (kGated && i >= R) ? segs.seg[1] : segs.seg[tile_segment];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int c = round + 32 * u + lane;
           if (c >= chunks) continue;
           const int slot = (u * RT + i) * 32 + lane;
-          copy_async16(codes + slot, row + c);
-          const int64_t e = n * groups + ((c * kPerChunk) >> group_shift);
-          const int64_t word = (e << param_shift) & ~int64_t(3);
+          copy_async16(codes + slot, tile_codes[i] + c);
+          const int64_t word =
+              tile_params[i] + ((((c * kPerChunk) >> group_shift) << param_shift) & ~3);
           copy_async4(params + 2 * slot, static_cast<const char*>(sg.scales) + word);
           copy_async4(params + 2 * slot + 1, static_cast<const char*>(sg.biases) + word);
         }
@@ -1144,10 +1158,10 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
     issue(s + kFixedStages - 1);
     const int round = computed.round * 32 * kUnroll;
     const bool tile_done = computed.round == rounds - 1;
-    const Tile tl = tile_of(computed.tile);
+    const int64_t tile = computed.tile;
+    const uint4* codes = ring_codes + computed.stage * kSlots * 32;
+    const uint32_t* params = ring_params + computed.stage * kSlots * 32 * 2;
     advance(computed);
-    const uint4* codes = ring_codes + (s % kFixedStages) * kSlots * 32;
-    const uint32_t* params = ring_params + (s % kFixedStages) * kSlots * 32 * 2;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = round + 32 * u + lane;
@@ -1171,6 +1185,7 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
 #pragma unroll
       for (int i = 0; i < RT; ++i)
         for (int o = 16; o > 0; o >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
+      const Tile tl = tile_of(tile);
       const GemvSegment& s0 = segs.seg[tl.si];
       const GemvSegment& s1 = segs.seg[kGated ? 1 : tl.si];
 #pragma unroll
