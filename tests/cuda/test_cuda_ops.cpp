@@ -131,6 +131,21 @@ TEST(CudaOps, QuantizedLinearMatchesDequantizedReference) {
                  "quantized linear M=" + std::to_string(c.M) + " bits=" + std::to_string(c.bits) +
                      " group=" + std::to_string(c.group));
   }
+  // Scales and biases stored as float32 or float16 (the decode kernels read bf16 ones on a
+  // path of their own).
+  for (const DType params : {DType::F32, DType::F16})
+    for (const int bits : {4, 8}) {
+      const Tensor w = random_tensor({33, 4352}, ++seed, 0.05f).to(DType::BF16);
+      QuantizedTensor q = quantize(w, 64, bits);
+      q.scales = q.scales.to(params);
+      q.biases = q.biases.to(params);
+      const Linear reference{dequantize(q), Tensor(), nullptr};
+      const Tensor x = random_tensor({1, 4352}, ++seed);
+      expect_close(ops::linear(gpu(x), gpu_quantized(q)), ops::linear(x, reference),
+                   kFixedPointTol,
+                   "quantized linear, " + std::string(dtype_name(params)) + " parameters, bits=" +
+                       std::to_string(bits));
+    }
 }
 
 #if MOXIN_WITH_CUDA

@@ -1026,8 +1026,13 @@ __device__ __forceinline__ float param_from_word(uint32_t word, DType dtype, int
   memcpy(&h, &b16, 2);
   return __half2float(h);
 }
+__device__ __forceinline__ float bf16_from_word(uint32_t word, int index) {
+  return __uint_as_float((index & 1) ? word & 0xffff0000u : word << 16);
+}
 
-template <int kBits, int R, int kUnroll, bool kGated>
+// kBf16Params: scales and biases are bf16 (MLX's usual choice), read without a type switch;
+// otherwise their type is segs.param_dtype.
+template <int kBits, int R, int kUnroll, bool kGated, bool kBf16Params>
 __global__ void __launch_bounds__(kFixedWarps * 32)
     gemv_fixed_kernel(const float* __restrict__ x, GemvSegments segs, int64_t K,
                       const float* __restrict__ norm_weight, float norm_eps) {
@@ -1176,8 +1181,11 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
 #pragma unroll
       for (int i = 0; i < RT; ++i) {
         const int slot = (u * RT + i) * 32 + lane;
-        const float sc = param_from_word(params[2 * slot], segs.param_dtype, group);
-        const float bi = param_from_word(params[2 * slot + 1], segs.param_dtype, group);
+        const float sc = kBf16Params ? bf16_from_word(params[2 * slot], group)
+                                     : param_from_word(params[2 * slot], segs.param_dtype, group);
+        const float bi = kBf16Params
+                             ? bf16_from_word(params[2 * slot + 1], group)
+                             : param_from_word(params[2 * slot + 1], segs.param_dtype, group);
         acc[i] += sc * cp.x * float(chunk_dot_fixed<kBits>(codes[slot], xw)) + bi * cp.y;
       }
     }
@@ -1284,13 +1292,13 @@ void launch_multi_tuned(const float* x, const std::vector<const Linear*>& layers
   run(tuned_variant(TuneKey{total, K, 1000 * (kGated ? 2 : 1) + kBits}, 3, run));
 }
 
-template <int kBits, int R, int kUnroll, bool kGated>
-void launch_fixed(const float* x, const GemvSegments& s, int64_t K, const RMSNorm* norm) {
+template <int kBits, int R, int kUnroll, bool kGated, bool kBf16Params>
+void launch_fixed_kernel(const float* x, const GemvSegments& s, int64_t K, const RMSNorm* norm) {
   // Blocks beyond what the SMs hold at once would only repeat the activation conversion: the
   // resident blocks loop over the tiles instead.
   constexpr int kSlots = kUnroll * (kGated ? 2 * R : R);
   static_assert(kSlots <= kFixedMaxSlots, "staging ring sized for kFixedMaxSlots");
-  auto* kernel = gemv_fixed_kernel<kBits, R, kUnroll, kGated>;
+  auto* kernel = gemv_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params>;
   const size_t smem = fixed_smem_bytes(K, kBits, kSlots);
   // Dynamic shared memory beyond 48 KB must be opted into, up to the card's limit less the
   // kernel's static shared memory.
@@ -1311,6 +1319,14 @@ void launch_fixed(const float* x, const GemvSegments& s, int64_t K, const RMSNor
   const int64_t blocks = std::min((s.units + kFixedWarps - 1) / kFixedWarps, resident);
   launch_pdl(kernel, unsigned(blocks), kFixedWarps * 32, smem, x, s, K,
              norm ? norm->weight.data<float>() : nullptr, norm ? norm->eps : 0.0f);
+}
+
+template <int kBits, int R, int kUnroll, bool kGated>
+void launch_fixed(const float* x, const GemvSegments& s, int64_t K, const RMSNorm* norm) {
+  if (s.param_dtype == DType::BF16)
+    launch_fixed_kernel<kBits, R, kUnroll, kGated, true>(x, s, K, norm);
+  else
+    launch_fixed_kernel<kBits, R, kUnroll, kGated, false>(x, s, K, norm);
 }
 
 // Variant v of the fixed-point kernel: rows per warp R and chunks per row and round, so that
