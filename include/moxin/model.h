@@ -198,8 +198,8 @@ class MoxinVLM {
   Device device() const { return embed_tokens.device(); }
 
  private:
-  // The image encoder as recorded on the GPU (ops::run_recorded): made by encode_image, dropped
-  // whenever the weights change or move.
+  // The image encoder as recorded on the GPU (ops::run_recorded): made by encode_image, redone
+  // when any of the encoder's weights changes, dropped when the model moves.
   mutable std::shared_ptr<void> recorded_encoder_;
 };
 

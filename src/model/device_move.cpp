@@ -1,6 +1,7 @@
 // Moving a loaded model between devices: every tensor field, once, at load.
 #include <cstring>
 
+#include "model/encoder_parts.h"
 #include "moxin/model.h"
 #include "moxin/quantize.h"
 
@@ -53,28 +54,14 @@ void move(LayerNorm& n, Device device) {
 }
 
 void move(ViTEncoder& enc, Device device) {
-  move(enc.patch_embed, device);
-  move(enc.cls_token, device);
-  move(enc.reg_token, device);
-  move(enc.pos_embed, device);
-  for (ViTBlock& b : enc.blocks) {
-    move(b.norm1, device);
-    move(b.attn.qkv, device);
-    move(b.attn.proj, device);
-    move(b.ls1, device);
-    move(b.norm2, device);
-    move(b.mlp.fc1, device);
-    move(b.mlp.fc2, device);
-    move(b.ls2, device);
-  }
-  move(enc.norm, device);
+  visit_tower_parts(enc, [device](auto& part) { move(part, device); });
 }
 
 }  // namespace
 
 void MoxinVLM::to_device(Device device) {
   if (device == this->device()) return;
-  recorded_encoder_.reset();  // it holds the old weights' addresses
+  recorded_encoder_.reset();  // its graphs and the weights they read stay on the old device
   const bool tied = lm_head.weight.defined() && lm_head.weight.raw() == embed_tokens.raw();
   move(dino, device);
   move(siglip, device);

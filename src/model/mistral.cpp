@@ -3,6 +3,7 @@
 #include <string>
 #include <vector>
 
+#include "model/encoder_parts.h"
 #include "moxin/errors.h"
 #include "moxin/model.h"
 #include "ops/ops.h"
@@ -65,8 +66,10 @@ Tensor MoxinVLM::encode_image(const Tensor& dino_image, const Tensor& siglip_ima
                     shape_to_string(dino_image.shape()) + " and " +
                     shape_to_string(siglip_image.shape()));
   // Its shapes follow the images' alone: on a GPU it is recorded once and replayed.
+  const std::vector<Tensor> inputs = {dino_image.to_device(device()),
+                                      siglip_image.to_device(device())};
   return ops::run_recorded(
-      device(), recorded_encoder_, {dino_image.to_device(device()), siglip_image.to_device(device())},
+      device(), recorded_encoder_, inputs, encoder_tensors(*this),
       [this](const std::vector<Tensor>& images) {
         // The towers are independent and neither fills a GPU alone: they run side by side there.
         Tensor a, b;

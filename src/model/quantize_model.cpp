@@ -55,7 +55,6 @@ void FusedMLPProjector::quantize(int group_size, int bits) {
 }
 
 void MoxinVLM::quantize(int group_size, int bits) {
-  recorded_encoder_.reset();
   check_options(group_size, bits);
   for (size_t i = 0; i < layers.size(); ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";

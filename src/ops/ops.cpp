@@ -533,12 +533,14 @@ void run_concurrently(Device device, const std::function<void()>& first,
 }
 
 Tensor run_recorded(Device device, std::shared_ptr<void>& state, const std::vector<Tensor>& inputs,
+                    const std::vector<Tensor>& weights,
                     const std::function<Tensor(const std::vector<Tensor>&)>& body) {
 #if MOXIN_WITH_CUDA
-  if (device == Device::CUDA) return cuda::run_recorded(state, inputs, body);
+  if (device == Device::CUDA) return cuda::run_recorded(state, inputs, weights, body);
 #endif
   (void)device;
   (void)state;
+  (void)weights;
   return body(inputs);
 }
 

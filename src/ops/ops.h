@@ -105,13 +105,16 @@ Tensor to_f32(const Tensor& t);
 void run_concurrently(Device device, const std::function<void()>& first,
                       const std::function<void()>& second);
 
-// body(inputs), for work whose shapes follow its inputs' shapes and whose weights stay put
-// (the image encoder). On a GPU the first call with given input shapes runs body as it is, the
-// second records it into a CUDA graph kept in `state` (the caller's: it must be dropped when
-// the weights move) and every later call replays it, so its thousand launches cost one. The
-// result is the caller's own tensor either way. Elsewhere, or where a recording fails (the
-// work then runs as it is from then on), body simply runs.
+// body(inputs), for work whose shapes follow its inputs' shapes (the image encoder) and which
+// reads nothing else but `weights`. On a GPU the first call with given input shapes runs body
+// as it is, the second records it into a CUDA graph kept in `state` (the caller's) and every
+// later call replays it, so its hundreds of launches cost one. A recording keeps the weights it
+// read alive, and all recordings are dropped as soon as any weight is another tensor than it
+// was (replaced, moved, quantized). The result is the caller's own tensor either way.
+// Elsewhere, or where a recording fails (the work then runs as it is from then on), body
+// simply runs.
 Tensor run_recorded(Device device, std::shared_ptr<void>& state, const std::vector<Tensor>& inputs,
+                    const std::vector<Tensor>& weights,
                     const std::function<Tensor(const std::vector<Tensor>&)>& body);
 
 }  // namespace moxin::ops

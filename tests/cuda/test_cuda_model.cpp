@@ -102,7 +102,8 @@ TEST_P(CudaParity, PairedWeightsSitSideBySide) {
   for (size_t i = 0; i < model.layers.size(); ++i) {
     const DecoderLayer &layer = model.layers[i], &expected = host.layers[i];
     const std::pair<const Linear*, const Linear*> pairs[] = {
-        {&layer.self_attn.k_proj, &layer.self_attn.v_proj}, {&layer.mlp.gate_proj, &layer.mlp.up_proj}};
+        {&layer.self_attn.k_proj, &layer.self_attn.v_proj},
+        {&layer.mlp.gate_proj, &layer.mlp.up_proj}};
     for (const auto& [a, b] : pairs) {
       if (a->quantized) continue;
       EXPECT_EQ(static_cast<const char*>(a->weight.raw()) + a->weight.nbytes(), b->weight.raw());
@@ -337,6 +338,18 @@ TEST(CudaRecorded, EncoderReplaysGiveTheEagerAnswer) {
   expect_same(batch_replayed, batch_first.to_device(Device::CPU), "batch of two, replayed");
   expect_same(model.encode_image(c.first, c.second), third.to_device(Device::CPU),
               "batch of one after the batch of two");
+  // A weight replaced after recording: the recordings are redone, never replayed stale.
+  const Linear& fc3 = model.projector.fc3;
+  const Tensor new_weight =
+      test::random_tensor(fc3.weight.shape(), 51, 0.02f).to(fc3.weight.dtype());
+  model.projector.fc3.weight = new_weight.to_device(Device::CUDA);
+  MoxinVLM other = load_model(dir, LoadOptions{Device::CUDA});
+  other.projector.fc3.weight = new_weight.to_device(Device::CUDA);
+  const Tensor changed = other.encode_image(c.first, c.second).to_device(Device::CPU);
+  EXPECT_GT(test::compare(changed, third.to_device(Device::CPU)).max_abs, 0.0);
+  for (int call = 0; call < 3; ++call)  // as it is, recorded, replayed
+    expect_same(model.encode_image(c.first, c.second), changed,
+                "after a weight change, call " + std::to_string(call + 1));
 }
 
 TEST(CudaDevice, CpuPathStillWorksAndModelsMove) {

@@ -339,7 +339,18 @@ struct ShapeRecord {
 struct Recordings {
   std::mutex mutex;  // one replay at a time: they share the input and output buffers
   std::map<std::vector<std::pair<Shape, DType>>, ShapeRecord> by_shape;
+  std::vector<Tensor> weights;  // what the recordings read: kept alive, compared on every call
 };
+
+// Whether `now` are the very tensors `before` held (same storage, shape and type each).
+bool same_tensors(const std::vector<Tensor>& before, const std::vector<Tensor>& now) {
+  if (before.size() != now.size()) return false;
+  for (size_t i = 0; i < now.size(); ++i)
+    if (before[i].raw() != now[i].raw() || before[i].shape() != now[i].shape() ||
+        before[i].dtype() != now[i].dtype() || before[i].device() != now[i].device())
+      return false;
+  return true;
+}
 
 bool recording_enabled() {
   static const bool on = [] {  // MOXIN_CUDA_RECORD=0: always run the work as it is
@@ -392,6 +403,7 @@ std::unique_ptr<Recording> record(const std::vector<Tensor>& inputs, const Shape
 }  // namespace
 
 Tensor run_recorded(std::shared_ptr<void>& state, const std::vector<Tensor>& inputs,
+                    const std::vector<Tensor>& weights,
                     const std::function<Tensor(const std::vector<Tensor>&)>& body) {
   if (!recording_enabled()) return body(inputs);
   for (const Tensor& t : inputs)
@@ -399,6 +411,10 @@ Tensor run_recorded(std::shared_ptr<void>& state, const std::vector<Tensor>& inp
   if (!state) state = std::make_shared<Recordings>();
   auto& all = *static_cast<Recordings*>(state.get());
   std::lock_guard<std::mutex> lock(all.mutex);
+  if (!same_tensors(all.weights, weights)) {  // a weight changed: no recording is valid
+    all.by_shape.clear();
+    all.weights = weights;
+  }
   std::vector<std::pair<Shape, DType>> key;
   for (const Tensor& t : inputs) key.emplace_back(t.shape(), t.dtype());
   ShapeRecord& r = all.by_shape[key];

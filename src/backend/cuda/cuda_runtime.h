@@ -30,6 +30,7 @@ void run_concurrently(const std::function<void()>& first, const std::function<vo
 
 // ops::run_recorded on the GPU (cuda_graph.cu).
 Tensor run_recorded(std::shared_ptr<void>& state, const std::vector<Tensor>& inputs,
+                    const std::vector<Tensor>& weights,
                     const std::function<Tensor(const std::vector<Tensor>&)>& body);
 
 struct MemoryStats {
