@@ -408,7 +408,12 @@ Tensor run_recorded(std::shared_ptr<void>& state, const std::vector<Tensor>& inp
   if (!recording_enabled()) return body(inputs);
   for (const Tensor& t : inputs)
     if (!t.defined()) return body(inputs);  // let the work report it
-  if (!state) state = std::make_shared<Recordings>();
+  {
+    // A const model may encode images from several threads at once: one of them makes the state.
+    static std::mutex making;
+    std::lock_guard<std::mutex> lock(making);
+    if (!state) state = std::make_shared<Recordings>();
+  }
   auto& all = *static_cast<Recordings*>(state.get());
   std::lock_guard<std::mutex> lock(all.mutex);
   if (!same_tensors(all.weights, weights)) {  // a weight changed: no recording is valid
