@@ -191,16 +191,7 @@ TEST(CudaOps, FusedSameInputProductsMatchCpu) {
   MOXIN_SKIP_WITHOUT_GPU();
   uint32_t seed = 500;
   auto make = [&](int64_t N, int64_t K, int bits, bool bias, Linear* cpu_layer, Linear* gpu_layer) {
-    const Tensor w = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
-    const Tensor b = bias ? random_tensor({N}, ++seed) : Tensor();
-    if (bits == 0) {
-      *cpu_layer = Linear{w, b, nullptr};
-      *gpu_layer = Linear{gpu(w), gpu(b), nullptr};
-    } else {
-      const QuantizedTensor q = quantize(w, 64, bits);
-      *cpu_layer = Linear{dequantize(q), b, nullptr};
-      *gpu_layer = gpu_quantized(q, b);
-    }
+    random_layer_pair(N, K, bits, seed, *cpu_layer, *gpu_layer, bias);
   };
   for (int variant = 0; variant < 4; ++variant) {  // fixed point: 4 (3 gated), float: 3
     cuda::set_gemv_variant_for_testing(variant);
@@ -250,11 +241,7 @@ TEST(CudaOps, WideQuantizedFusedProductsMatchCpu) {
   uint32_t seed = 800;
   const int64_t K = 65536;
   auto make = [&](int64_t N, int bits, Linear* cpu_layer, Linear* gpu_layer) {
-    const Tensor w = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
-    const Tensor b = random_tensor({N}, ++seed);
-    const QuantizedTensor q = quantize(w, 64, bits);
-    *cpu_layer = Linear{dequantize(q), b, nullptr};
-    *gpu_layer = gpu_quantized(q, b);
+    random_layer_pair(N, K, bits, seed, *cpu_layer, *gpu_layer);
   };
   for (int bits : {4, 8}) {
     Linear c[3], g[3];
