@@ -13,7 +13,8 @@
 #        prefill; ttft: tests, the bf16 bench and the kernel times of vision + prefill;
 #        attn: tests, then Nsight Compute on the prefill attention kernel with its source view;
 #        prefill_ab: tests, then TTFT runs under several settings;
-#        decode_ab: tests, then bf16 and 4-bit decode with and without $AB_ENV set)
+#        decode_ab: tests, then bf16 and 4-bit decode with and without $AB_ENV set;
+#        decode_kernels: no tests; every kernel's time in a 4-bit bench under Nsight Compute)
 set -uo pipefail
 what="${1:-all}"
 build="${2:-build-cuda2}"
@@ -37,9 +38,10 @@ if [[ $what != tests ]]; then
     (python3 reference/make_checkpoints.py --variant full --out /tmp/moxin-full \
        >/tmp/gen_full.log 2>&1; echo "full: rc=$?" >>/tmp/gen_full.log) &
 fi
-if [[ $what == tests || $what == all || $what == profile || $what == final || $what == pdl ||
-      $what == quick || $what == ttft || $what == attn || $what == prefill_ab ||
-      $what == decode_ab ]]; then
+# SKIP_TESTS=1: straight to the measurements (a comparison whose code was tested in this pass).
+if [[ -z ${SKIP_TESTS:-} ]] && [[ $what == tests || $what == all || $what == profile ||
+      $what == final || $what == pdl || $what == quick || $what == ttft || $what == attn ||
+      $what == prefill_ab || $what == decode_ab ]]; then
   for v in tiny-hf tiny-native tiny-f32 real-towers; do
     (python3 reference/make_checkpoints.py --variant "$v" --out "tests/fixtures/checkpoints/$v" \
        >"/tmp/gen_$v.log" 2>&1) &
@@ -124,22 +126,42 @@ if [[ $what != tests ]]; then
     pack
     exit 0
   fi
+  if [[ $what == decode_kernels ]]; then
+    # Every kernel's time in a 4-bit bench (Nsight Compute, one metric, the card's own clocks
+    # and caches), the last decode steps from the recorded graph at the end; then the same
+    # bench without the profiler for its time per token.
+    MOXIN_CUDA_TUNE_LOG=1 timeout 200 "$dist/moxin-vlm" bench --model /tmp/moxin-full \
+      --device cuda --prompt-tokens 24 --decode-tokens 128 --quantize 4 --group-size 64 \
+      >"$out/dk_q4.json" 2>"$out/dk_q4.err"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('decode_tok_s','decode_ms_per_token','decode_fraction_of_roofline','ttft_ms')})" "$out/dk_q4.json"
+    timeout 400 ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+      --csv --print-units base "$dist/moxin-vlm" bench --model /tmp/moxin-full --device cuda \
+      --prompt-tokens 24 --decode-tokens 3 --quantize 4 --group-size 64 \
+      >"$out/dk_ncu_q4.csv" 2>"$out/dk_ncu_q4.err"
+    echo "ncu rc=$?"; wc -l "$out/dk_ncu_q4.csv"
+    pack
+    exit 0
+  fi
   if [[ $what == decode_ab ]]; then
     # Decode at bf16 and 4-bit with and without one change, in turn: "old" runs set $AB_ENV
     # (e.g. MOXIN_X=1), or run $AB_BIN (a baseline binary carried in the build's dist) instead.
     i=0
-    # $AB_RUNS: "BITS new|old" items separated by commas (default: bf16 and 4-bit, twice each).
+    # $AB_RUNS: "BITS new|old|NAME=VALUE" items separated by commas (default: bf16 and 4-bit,
+    # twice each); NAME=VALUE runs the new binary with that variable set.
     IFS=, read -r -a runs <<<"${AB_RUNS:-16 new,16 old,4 new,4 old,16 new,16 old,4 new,4 old}"
     for run in "${runs[@]}"; do
       set -- $run
       i=$((i + 1))
-      quant=(); [[ $1 != 16 ]] && quant=(--quantize $1 --group-size 64)
-      cfg=""; [[ $2 == old ]] && cfg="${AB_ENV:-}"
+      # BITS "bN": bf16 decoding of a batch of N (bench --batch N, aggregate tokens/s)
+      quant=(); [[ $1 != 16 && $1 != b* ]] && quant=(--quantize $1 --group-size 64)
+      [[ $1 == b* ]] && quant=(--batch "${1#b}")
+      cfg=""; [[ $2 == old ]] && cfg="${AB_ENV:-}"; [[ $2 == *=* ]] && cfg="$2"
       bin="$dist/moxin-vlm"; [[ $2 == old && -n ${AB_BIN:-} ]] && bin="$dist/$AB_BIN"
-      env $cfg timeout 200 "$bin" bench --model /tmp/moxin-full --device cuda \
-        --prompt-tokens 24 --decode-tokens 128 "${quant[@]}" >"$out/dab_$i.json" 2>"$out/dab_$i.err"
+      env $cfg MOXIN_CUDA_TUNE_LOG=1 timeout 200 "$bin" bench --model /tmp/moxin-full \
+        --device cuda --prompt-tokens 24 --decode-tokens 128 "${quant[@]}" \
+        >"$out/dab_$i.json" 2>"$out/dab_$i.err"
       echo "run $i [$1 bits, $2${cfg:+: $cfg}]:"
-      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('decode_tok_s','decode_fraction_of_roofline','ttft_ms','vision_ms','prefill_ms','peak_gpu_mem_over_weights_kv_gb')})" "$out/dab_$i.json"
+      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('decode_tok_s','decode_fraction_of_roofline','decode_eager_tok_s','decode_tok_s_aggregate','ttft_ms','prefill_ms','peak_gpu_mem_over_weights_kv_gb')})" "$out/dab_$i.json"
     done
     pack
     exit 0

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "moxin/tensor.h"
@@ -69,6 +70,16 @@ class KeyValueCache {
   // store a single position's rotated keys directly (one launch on a GPU).
   virtual CachedKV rope_update_and_fetch(Tensor& queries, Tensor& keys, const Tensor& values,
                                          float theta);
+  // Room for L more positions, keys and values [B, L, n_kv_heads, head_dim] as projected, left
+  // unwritten: offset() advances by L and the history comes back with those positions for the
+  // caller to fill (a GPU decode step rotates and stores its new key inside the attention
+  // kernel: ops::rope_attention_accumulate). Caches that cannot lend their storage, and
+  // ragged batches, return nothing and change nothing.
+  virtual std::optional<CachedKV> reserve_and_fetch(const Tensor& keys, const Tensor& values) {
+    (void)keys;
+    (void)values;
+    return std::nullopt;
+  }
   virtual void reset() = 0;
 };
 
@@ -102,6 +113,7 @@ class KVCache final : public KeyValueCache {
                                    const RaggedAppend& append) override;
   CachedKV rope_update_and_fetch(Tensor& queries, Tensor& keys, const Tensor& values,
                                  float theta) override;
+  std::optional<CachedKV> reserve_and_fetch(const Tensor& keys, const Tensor& values) override;
   void reset() override;
 
  private:

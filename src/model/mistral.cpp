@@ -1,5 +1,6 @@
 // The decoder: Mistral blocks over the fused image+text sequence, and the VLM's forward paths.
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,6 +31,10 @@ Tensor decoder_layer_forward(const DecoderLayer& layer, const Tensor& x_in, KeyV
   Tensor q = qkv[0].reshape({B, L, Hq, Dh});
   Tensor k = qkv[1].reshape({B, L, Hkv, Dh});
   Tensor v = qkv[2].reshape({B, L, Hkv, Dh});
+  // One new position per sequence (decode): RoPE, the KV store, attention and o_proj as one op
+  // in the cache's own storage (on a GPU the attention kernel stores the rotated key itself).
+  std::optional<CachedKV> slot;
+  if (!ragged && L == 1) slot = cache.reserve_and_fetch(k, v);
   if (ragged) {  // each sequence at its own position, attending over its own history
     ops::rope_inplace(q, ragged->at, config.rope_theta);
     ops::rope_inplace(k, ragged->at, config.rope_theta);
@@ -37,6 +42,9 @@ Tensor decoder_layer_forward(const DecoderLayer& layer, const Tensor& x_in, KeyV
         cache.update_and_fetch_ragged(ops::heads_first(k), ops::heads_first(v), *ragged);
     const Tensor attn = ops::causal_attention(q, history, ragged->at, config.sliding_window);
     ops::linear_accumulate(x, attn, layer.self_attn.o_proj);  // [B, L, Hq*Dh] -> residual
+  } else if (slot) {
+    ops::rope_attention_accumulate(x, q, k, v, *slot, offset, config.rope_theta,
+                                   config.sliding_window, layer.self_attn.o_proj);
   } else {
     const CachedKV history = cache.rope_update_and_fetch(q, k, v, config.rope_theta);
     ops::causal_attention_accumulate(x, q, history, offset, config.sliding_window,

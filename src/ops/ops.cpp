@@ -253,6 +253,15 @@ void causal_attention_accumulate(Tensor& x, const Tensor& q, const CachedKV& kv,
   linear_accumulate(x, causal_attention(q, kv, q_offset, window), o_proj);
 }
 
+void rope_attention_accumulate(Tensor& x, Tensor& q, const Tensor& k, const Tensor& v,
+                               const CachedKV& kv, int64_t q_offset, float theta, int64_t window,
+                               const Linear& o_proj) {
+  DISPATCH_CUDA(q, rope_attention_accumulate(x, q, k, v, kv, q_offset, theta, window, o_proj));
+  Tensor keys = kv.keys, values = kv.values;  // the cache's storage
+  rope_write_pair(q, keys, k, values, v, q_offset, theta);
+  causal_attention_accumulate(x, q, kv, q_offset, window, o_proj);
+}
+
 Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window) {
   DISPATCH_CUDA(q, causal_attention(q, kv, q_offset, window));
   require_f32(q, "causal_attention");

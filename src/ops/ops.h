@@ -57,6 +57,14 @@ Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, i
 Tensor self_attention_linear(const Tensor& qkv, int64_t heads, const Linear& proj);
 void causal_attention_accumulate(Tensor& x, const Tensor& q, const CachedKV& kv,
                                  int64_t q_offset, int64_t window, const Linear& o_proj);
+// One decode position of a decoder layer's attention: queries q [B, 1, Hq, Dh] and keys k
+// [B, 1, Hkv, Dh] as projected are rotated (RoPE) at position q_offset, the rotated key and the
+// value v stored there in the history (the cache's storage, kv.length == q_offset + 1, as
+// KeyValueCache::reserve_and_fetch returns it), and x += linear(attention, o_proj). q may be
+// rotated in place. On a GPU the attention kernel rotates and stores the new key itself.
+void rope_attention_accumulate(Tensor& x, Tensor& q, const Tensor& k, const Tensor& v,
+                               const CachedKV& kv, int64_t q_offset, float theta, int64_t window,
+                               const Linear& o_proj);
 // In place on x [B, L, H, Dh]: rotate-half RoPE at positions offset..offset+L-1.
 void rope_inplace(Tensor& x, int64_t offset, float theta);
 // The same on queries [B, L, Hq, Dh] and keys [B, L, Hkv, Dh] (one launch on a GPU).

@@ -207,6 +207,15 @@ CachedKV KVCache::rope_update_and_fetch(Tensor& queries, Tensor& keys, const Ten
   return {keys_, values_, offset_};
 }
 
+std::optional<CachedKV> KVCache::reserve_and_fetch(const Tensor& keys, const Tensor& values) {
+  if (!offsets_.empty() || keys.ndim() != 4) return std::nullopt;
+  check_pair(keys, values);  // [B, L, n_kv_heads, head_dim], as projected
+  const int64_t L = keys.dim(1);
+  prepare({keys.dim(0), keys.dim(2), L, keys.dim(3)}, keys.device(), offset_ + L);
+  offset_ += L;
+  return CachedKV{keys_, values_, offset_};
+}
+
 CachedKV KVCache::update_and_fetch_ragged(const Tensor& keys, const Tensor& values,
                                           const RaggedAppend& append) {
   check_pair(keys, values);

@@ -663,6 +663,59 @@ TEST(CudaOps, CausalAttentionMatchesCpuForPrefillAndDecode) {
   }
 }
 
+// A decode step's RoPE, KV store, attention and o_proj in one op (on the GPU the split attention
+// kernel rotates the query and the new key itself and one block per KV head stores the key and
+// value; grids over one wave take the separate RoPE launch) against the CPU op (rope_write_pair,
+// then attention): the outputs and the whole cache, with the new position first in, last in and
+// alone in its key block, windows, grouped heads, both GPU paths.
+TEST(CudaOps, RopeFoldedIntoDecodeAttentionMatchesCpu) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  struct Case { int64_t B, Hq, Hkv, Dh, capacity, at, window; };
+  const Case cases[] = {
+      {1, 32, 8, 128, 424, 299, 0}, {2, 4, 2, 16, 33, 32, 0},      {1, 8, 2, 128, 320, 300, 64},
+      {1, 4, 4, 72, 8, 0, 0},       {2, 8, 4, 72, 1000, 700, 100}, {1, 32, 8, 128, 1000, 63, 0},
+      {1, 32, 8, 128, 1000, 64, 0}, {1, 3, 1, 6, 70, 65, 0},       {3, 6, 3, 32, 64, 10, 4},
+      {1, 4, 2, 128, 1000, 63, 0},  {1, 4, 2, 128, 1000, 64, 0},   {8, 32, 8, 128, 512, 300, 0},
+  };
+  uint32_t seed = 1200;
+  for (const Case& c : cases) {
+    const int64_t D = c.Hq * c.Dh;
+    Linear reference, o_proj;
+    random_layer_pair(D, D, 0, seed, reference, o_proj, false);
+    const Tensor q = random_tensor({c.B, 1, c.Hq, c.Dh}, ++seed);
+    const Tensor k = random_tensor({c.B, 1, c.Hkv, c.Dh}, ++seed);
+    const Tensor v = random_tensor({c.B, 1, c.Hkv, c.Dh}, ++seed);
+    const Tensor x = random_tensor({c.B, 1, D}, ++seed);
+    const Tensor keys = random_tensor({c.B, c.Hkv, c.capacity, c.Dh}, ++seed);
+    const Tensor values = random_tensor({c.B, c.Hkv, c.capacity, c.Dh}, ++seed);
+    Tensor xc = x.clone(), qc = q.clone(), kc = keys.clone(), vc = values.clone();
+    ops::rope_attention_accumulate(xc, qc, k, v, CachedKV{kc, vc, c.at + 1}, c.at, 10000.0f,
+                                   c.window, reference);
+    Tensor xg = gpu(x), qg = gpu(q), kg = gpu(keys), vg = gpu(values);
+    ops::rope_attention_accumulate(xg, qg, gpu(k), gpu(v), CachedKV{kg, vg, c.at + 1}, c.at,
+                                   10000.0f, c.window, o_proj);
+    const std::string what = "B " + std::to_string(c.B) + " Dh " + std::to_string(c.Dh) +
+                             " at " + std::to_string(c.at) + " window " +
+                             std::to_string(c.window);
+    expect_close(xg, xc, 1e-4, what + " output");
+    expect_close(kg, kc, 1e-6, what + " keys");
+    expect_close(vg, vc, 0.0, what + " values");
+  }
+  Tensor x = gpu(random_tensor({1, 1, 32}, 1)), q = gpu(random_tensor({1, 1, 4, 8}, 2));
+  Tensor keys = gpu(random_tensor({1, 2, 4, 8}, 3)), values = keys.clone();
+  const Tensor k = gpu(random_tensor({1, 1, 2, 8}, 4));
+  Linear reference, o_proj;
+  uint32_t layer_seed = 5;
+  random_layer_pair(32, 32, 0, layer_seed, reference, o_proj, false);
+  EXPECT_THROW(ops::rope_attention_accumulate(x, q, k, k, CachedKV{keys, values, 5}, 4, 1e4f, 0,
+                                              o_proj),
+               Error);  // past the end of the cache
+  const Tensor two = gpu(random_tensor({1, 2, 2, 8}, 6));
+  EXPECT_THROW(ops::rope_attention_accumulate(x, q, two, two, CachedKV{keys, values, 2}, 1, 1e4f,
+                                              0, o_proj),
+               Error);  // two positions
+}
+
 TEST(CudaOps, BadInputsFailWithErrors) {
   MOXIN_SKIP_WITHOUT_GPU();
   const Tensor x = gpu(random_tensor({2, 33}, 1));

@@ -309,6 +309,43 @@ TEST(KVCaches, RopeFoldedIntoTheAppendMatchesRotatingFirst) {
   EXPECT_EQ(fused.offset(), 8);
 }
 
+// A decode step's slot: reserve_and_fetch advances the offset and lends the storage, and the
+// fused decode op stores the rotated key and value there, as rope_update_and_fetch would have,
+// with the same attention output. Caches that cannot lend storage (and ragged ones) decline.
+TEST(KVCaches, ReservedSlotTakesTheFusedDecodeStep) {
+  KVCache lending(4);
+  KVCache plain(4);
+  uint32_t seed = kSeed + 60;
+  const int64_t Hq = 6, Hkv = 3, Dh = 8;
+  const Linear o_proj{random_tensor({Hq * Dh, Hq * Dh}, seed++), Tensor(), nullptr};
+  for (int64_t step : {3, 1, 1, 1}) {  // a prefill, then decode steps across a growth
+    const Tensor q = random_tensor({2, step, Hq, Dh}, seed++);
+    const Tensor k = random_tensor({2, step, Hkv, Dh}, seed++);
+    const Tensor v = random_tensor({2, step, Hkv, Dh}, seed++);
+    const Tensor x = random_tensor({2, step, Hq * Dh}, seed++);
+    Tensor qb = q.clone(), kb = k.clone(), xb = x.clone();
+    const int64_t at = plain.offset();
+    const CachedKV b = plain.rope_update_and_fetch(qb, kb, v, 10000.0f);
+    ops::causal_attention_accumulate(xb, qb, b, at, 0, o_proj);
+    if (step > 1) {
+      Tensor qa = q.clone(), ka = k.clone();
+      lending.rope_update_and_fetch(qa, ka, v, 10000.0f);
+      continue;
+    }
+    Tensor qa = q.clone(), xa = x.clone();
+    const std::optional<CachedKV> a = lending.reserve_and_fetch(k, v);
+    ASSERT_TRUE(a.has_value());
+    EXPECT_EQ(lending.offset(), at + 1);
+    ops::rope_attention_accumulate(xa, qa, k, v, *a, at, 10000.0f, 0, o_proj);
+    expect_same_history(*a, b);
+    EXPECT_EQ(xa.to_vector(), xb.to_vector());
+  }
+  EXPECT_EQ(lending.offset(), 6);
+  ConcatKeyValueCache concat;
+  EXPECT_FALSE(concat.reserve_and_fetch(Tensor::zeros({1, 1, 2, 4}), Tensor::zeros({1, 1, 2, 4})));
+  EXPECT_EQ(concat.offset(), 0);
+}
+
 TEST(KVCaches, RejectMismatchedUpdates) {
   KVCache cache;
   cache.update_and_fetch(Tensor::zeros({1, 2, 1, 4}), Tensor::zeros({1, 2, 1, 4}));

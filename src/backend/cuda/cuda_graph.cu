@@ -27,11 +27,21 @@ __global__ void __launch_bounds__(1024) argmax_kernel(const float* __restrict__ 
   __shared__ int32_t best_i[32];
   float v = -INFINITY;
   int32_t idx = 0x7fffffff;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const float x = row[i];
-    if (x > v || (x == v && int32_t(i) < idx)) {
-      v = x;
-      idx = int32_t(i);
+  // kLoads loads per thread in flight before any comparison: a decode step's 32K logits are one
+  // memory latency, not one per element (a load-compare loop took ~12 us of each token).
+  constexpr int kLoads = 32;
+  const int64_t stride = blockDim.x;
+  for (int64_t base = threadIdx.x; base < n; base += kLoads * stride) {
+    float x[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) x[u] = base + u * stride < n ? row[base + u * stride] : NAN;
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int32_t i = int32_t(base + u * stride);  // NaN (and past n) never wins
+      if (x[u] > v || (x[u] == v && i < idx)) {
+        v = x[u];
+        idx = i;
+      }
     }
   }
   for (int o = 16; o > 0; o >>= 1) {
@@ -120,6 +130,15 @@ CachedKV StaticKVCache::rope_update_and_fetch(Tensor& queries, Tensor& keys, con
   ops::rope_write_pair(queries, keys_, keys, values_, values, offset_, theta);
   offset_ += keys.dim(1);
   return {keys_, values_, offset_};
+}
+
+std::optional<CachedKV> StaticKVCache::reserve_and_fetch(const Tensor& keys,
+                                                        const Tensor& values) {
+  if (keys.ndim() != 4) return std::nullopt;
+  // keys and values [B, L, n_kv_heads, head_dim], as projected
+  prepare(keys, values, {keys.dim(0), keys.dim(2), keys.dim(1), keys.dim(3)});
+  offset_ += keys.dim(1);
+  return CachedKV{keys_, values_, offset_};
 }
 
 void StaticKVCache::advance(int64_t n) {

@@ -32,6 +32,7 @@ class StaticKVCache final : public KeyValueCache {
   CachedKV update_and_fetch(const Tensor& keys, const Tensor& values) override;
   CachedKV rope_update_and_fetch(Tensor& queries, Tensor& keys, const Tensor& values,
                                  float theta) override;
+  std::optional<CachedKV> reserve_and_fetch(const Tensor& keys, const Tensor& values) override;
   void reset() override { offset_ = 0; }
   void advance(int64_t n);  // positions written by a replayed graph
   void rewind(int64_t offset) { offset_ = offset < offset_ ? offset : offset_; }

@@ -866,22 +866,25 @@ __global__ void __launch_bounds__(kGemvThreads)
 // lanes of a warp, which read consecutive chunks, never hit the same bank; then a staging ring
 // per warp. After the conversion each warp takes R rows at a time (R gate and R up rows when
 // gated), its lanes striding over the rows' chunks, kUnroll chunks per row and step. Codes and
-// their scale/bias words travel by cp.async into the warp's ring, kFixedStages - 1 steps ahead
+// their scale/bias words travel by cp.async into the warp's ring, kStages - 1 steps ahead
 // of the one being computed: the loads in flight hold no registers, so they neither limit
 // occupancy nor wait for a register copy (Nsight Compute on the register-pipelined version:
-// 16 warps per SM stalled on L1TEX, 20-31% of DRAM bandwidth).
+// 16 warps per SM stalled on L1TEX, 20-31% of DRAM bandwidth). The bytes in flight per SM set
+// the pace (half the ring measured 20% slower: bench/GPU_NOTES.md), so products whose
+// activations leave room take a ring one step deeper.
 constexpr int kFixedWarps = 16;
-constexpr int kFixedStages = 3;     // steps per warp in flight or being computed
+constexpr int kFixedStages = 3;     // steps per warp in flight or being computed, at least
+constexpr int kFixedDeepStages = 4;  // where shared memory allows
 constexpr int kFixedMaxSlots = 4;   // kUnroll * rows per warp, the most any variant uses
 
 // Shared memory in 16-byte words: per chunk {dx, sum x} and the fixed-point activations; then
-// per warp a staging ring of kFixedStages steps, each kSlots chunks and their parameter words
+// per warp a staging ring of `stages` steps, each `slots` chunks and their parameter words
 // (8 bytes) per lane.
 __host__ __device__ inline int64_t fixed_activation_words(int64_t K, int bits) {
   return (K * bits / 128 * 8 + 15) / 16 + K * 2 / 16;
 }
-size_t fixed_smem_bytes(int64_t K, int bits, int slots) {
-  const int64_t ring = int64_t(kFixedWarps) * kFixedStages * slots * 32 * 3 / 2;
+size_t fixed_smem_bytes(int64_t K, int bits, int slots, int stages = kFixedStages) {
+  const int64_t ring = int64_t(kFixedWarps) * stages * slots * 32 * 3 / 2;
   return size_t(fixed_activation_words(K, bits) + ring) * 16;
 }
 
@@ -1032,7 +1035,7 @@ __device__ __forceinline__ float bf16_from_word(uint32_t word, int index) {
 
 // kBf16Params: scales and biases are bf16 (MLX's usual choice), read without a type switch;
 // otherwise their type is segs.param_dtype.
-template <int kBits, int R, int kUnroll, bool kGated, bool kBf16Params>
+template <int kBits, int R, int kUnroll, bool kGated, bool kBf16Params, int kStages>
 __global__ void __launch_bounds__(kFixedWarps * 32)
     gemv_fixed_kernel(const float* __restrict__ x, GemvSegments segs, int64_t K,
                       const float* __restrict__ norm_weight, float norm_eps) {
@@ -1044,11 +1047,11 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   float2* chunk_params = reinterpret_cast<float2*>(fixed_smem);
   auto* xq = reinterpret_cast<FixedWord<kBits>*>(fixed_smem + (chunks * sizeof(float2) + 15) / 16);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  // This warp's staging ring: kFixedStages steps of kSlots code chunks and their parameter
+  // This warp's staging ring: kStages steps of kSlots code chunks and their parameter
   // words per lane, each lane reading back only what it copied itself.
   uint4* ring_codes = fixed_smem + fixed_activation_words(K, kBits) +
-                      size_t(warp) * kFixedStages * kSlots * 32 * 3 / 2;
-  uint32_t* ring_params = reinterpret_cast<uint32_t*>(ring_codes + kFixedStages * kSlots * 32);
+                      size_t(warp) * kStages * kSlots * 32 * 3 / 2;
+  uint32_t* ring_params = reinterpret_cast<uint32_t*>(ring_codes + kStages * kSlots * 32);
   const int64_t tile_stride = int64_t(gridDim.x) * kFixedWarps;
   const int first = int(blockIdx.x) * kFixedWarps + warp;
   const int rounds = (chunks + 32 * kUnroll - 1) / (32 * kUnroll);
@@ -1057,7 +1060,7 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   // Group sizes are powers of two: a chunk's group is a shift away (a division per chunk was a
   // good share of the hot loop's instructions).
   const int group_shift = __ffs(segs.group_size) - 1;
-  // Step s is round s % rounds of this warp's tile s / rounds, in ring slot s % kFixedStages:
+  // Step s is round s % rounds of this warp's tile s / rounds, in ring slot s % kStages:
   // kept as running cursors (one for the copies issued ahead, one for the step computed),
   // never divided out.
   struct Cursor {
@@ -1069,7 +1072,7 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
       cur.round = 0;
       cur.tile += tile_stride;
     }
-    if (++cur.stage == kFixedStages) cur.stage = 0;
+    if (++cur.stage == kStages) cur.stage = 0;
   };
   Cursor issued{first, 0, 0}, computed{first, 0, 0};
 
@@ -1135,7 +1138,7 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   // Weights are constant: the first steps may be in flight before the predecessor kernel
   // finishes (programmatic dependent launch) and while x is being converted.
 #pragma unroll
-  for (int p = 0; p < kFixedStages - 1; ++p) issue(p);
+  for (int p = 0; p < kStages - 1; ++p) issue(p);
   pdl_wait();
   pdl_trigger();
 
@@ -1158,9 +1161,9 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
 #pragma unroll
   for (int i = 0; i < RT; ++i) acc[i] = 0.0f;
   for (int64_t s = 0; s < steps; ++s) {
-    copy_async_wait<kFixedStages - 2>();  // step s has landed
+    copy_async_wait<kStages - 2>();  // step s has landed
     // The slot step s - 1 used is free again (its values were consumed last iteration).
-    issue(s + kFixedStages - 1);
+    issue(s + kStages - 1);
     const int round = computed.round * 32 * kUnroll;
     const bool tile_done = computed.round == rounds - 1;
     const int64_t tile = computed.tile;
@@ -1292,14 +1295,14 @@ void launch_multi_tuned(const float* x, const std::vector<const Linear*>& layers
   run(tuned_variant(TuneKey{total, K, 1000 * (kGated ? 2 : 1) + kBits}, 3, run));
 }
 
-template <int kBits, int R, int kUnroll, bool kGated, bool kBf16Params>
+template <int kBits, int R, int kUnroll, bool kGated, bool kBf16Params, int kStages>
 void launch_fixed_kernel(const float* x, const GemvSegments& s, int64_t K, const RMSNorm* norm) {
   // Blocks beyond what the SMs hold at once would only repeat the activation conversion: the
   // resident blocks loop over the tiles instead.
   constexpr int kSlots = kUnroll * (kGated ? 2 * R : R);
   static_assert(kSlots <= kFixedMaxSlots, "staging ring sized for kFixedMaxSlots");
-  auto* kernel = gemv_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params>;
-  const size_t smem = fixed_smem_bytes(K, kBits, kSlots);
+  auto* kernel = gemv_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, kStages>;
+  const size_t smem = fixed_smem_bytes(K, kBits, kSlots, kStages);
   // Dynamic shared memory beyond 48 KB must be opted into, up to the card's limit less the
   // kernel's static shared memory.
   static const int max_smem = [&] {
@@ -1321,12 +1324,33 @@ void launch_fixed_kernel(const float* x, const GemvSegments& s, int64_t K, const
              norm ? norm->weight.data<float>() : nullptr, norm ? norm->eps : 0.0f);
 }
 
+// MOXIN_CUDA_FIXED_DEEP_RING=0: every product takes the shallower ring (comparison baseline).
+bool fixed_deep_ring() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOXIN_CUDA_FIXED_DEEP_RING");
+    return !(v && v[0] == '0');
+  }();
+  return on;
+}
+
+template <int kBits, int R, int kUnroll, bool kGated, bool kBf16Params>
+void launch_fixed_depth(const float* x, const GemvSegments& s, int64_t K, const RMSNorm* norm) {
+  constexpr int kSlots = kUnroll * (kGated ? 2 * R : R);
+  const bool deep = fixed_deep_ring() &&
+                    fixed_smem_bytes(K, kBits, kSlots, kFixedDeepStages) + 1024 <=
+                        size_t(properties().sharedMemPerBlockOptin);
+  if (deep)
+    launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, kFixedDeepStages>(x, s, K, norm);
+  else
+    launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, kFixedStages>(x, s, K, norm);
+}
+
 template <int kBits, int R, int kUnroll, bool kGated>
 void launch_fixed(const float* x, const GemvSegments& s, int64_t K, const RMSNorm* norm) {
   if (s.param_dtype == DType::BF16)
-    launch_fixed_kernel<kBits, R, kUnroll, kGated, true>(x, s, K, norm);
+    launch_fixed_depth<kBits, R, kUnroll, kGated, true>(x, s, K, norm);
   else
-    launch_fixed_kernel<kBits, R, kUnroll, kGated, false>(x, s, K, norm);
+    launch_fixed_depth<kBits, R, kUnroll, kGated, false>(x, s, K, norm);
 }
 
 // Variant v of the fixed-point kernel: rows per warp R and chunks per row and round, so that

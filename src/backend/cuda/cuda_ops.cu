@@ -278,8 +278,10 @@ __global__ void embedding_kernel(const Id* __restrict__ ids, const void* __restr
   pdl_trigger();
   int64_t id = int64_t(ids[blockIdx.x]);
   id = id < 0 ? 0 : (id >= vocab ? vocab - 1 : id);  // never read outside the table
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
-    out[blockIdx.x * D + d] = load_f32(table, dtype, id * D + d);
+  // Block y takes elements [y * blockDim.x, ...) of the row: one element per thread, so a
+  // decode step's single row is one memory latency (a loop per thread was ~10 us of each token).
+  const int64_t d = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (d < D) out[blockIdx.x * D + d] = load_f32(table, dtype, id * D + d);
 }
 
 // dst row r (+ delta * delta_stride) = src row r (stride 0 repeats one row); with src2/dst2,
@@ -899,32 +901,43 @@ void launch_mma_attention(const AttnArgs& a, int64_t B) {
 // also resets the counter for the next launch (and the next replay of a recorded step). The
 // split count follows the cache's capacity (fixed when a step is recorded), blocks past the
 // current length write an empty partial, so long histories get splits * Hq blocks instead of Hq.
+// A split block's keys are one step of its warps, and every key before the new position was
+// stored by an earlier step: they are loaded before waiting for the previous kernel
+// (programmatic dependent launch), so their latency overlaps its tail.
+//
+// kRope (split only): q and the new key arrive as projected. The kernel rotates them (the angles
+// of rope_append_kernel), takes the new key and value from registers, and one block per KV head
+// stores them in the cache at the new position: the decode step's RoPE + KV append launch is
+// gone. No block of this launch reads that position from the cache.
 constexpr int kDecodeWarps = 8;
 constexpr int kDecodeKeys = 8;  // keys per warp and step
 constexpr int kSplitKeys = kDecodeWarps * kDecodeKeys;
-template <bool kSplit>
+
+struct DecodeRope {
+  const float* k = nullptr;  // [B, 1, Hkv, Dh] new keys and values, as projected
+  const float* v = nullptr;
+  float* keys = nullptr;     // the cache, where AttnArgs reads it
+  float* values = nullptr;
+  const float* inv_freqs = nullptr;  // [Dh / 2]
+};
+
+template <bool kSplit, bool kRope>
 __global__ void __launch_bounds__(kDecodeWarps * 32)
-    decode_attention_kernel(AttnArgs a, float* __restrict__ partials, int* __restrict__ arrivals) {
-  pdl_wait();
-  pdl_trigger();
+    decode_attention_kernel(AttnArgs a, DecodeRope rope, float* __restrict__ partials,
+                            int* __restrict__ arrivals) {
+  static_assert(kSplit || !kRope, "the fused RoPE takes the split kernel");
   __shared__ float part_acc[kDecodeWarps][kFlashMaxDh];
   __shared__ float part_m[kDecodeWarps], part_l[kDecodeWarps];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t h = blockIdx.x, b = blockIdx.y;
   const int64_t g = h / (a.Hq / a.Hkv);
   const int Dh = int(a.Dh);
+  // The position is known before the previous kernel ends: the delta was advanced by the
+  // previous step's last kernel, ragged starts were uploaded before the step.
   const int64_t shift = delta_of(a.delta);
   const int64_t pos = a.q_starts ? int64_t(a.q_starts[b]) : a.q_offset + shift;  // Lq == 1
   const int64_t Lk = a.q_starts ? pos + 1 : a.Lk + shift;
   const float kLog2e = 1.4426950408889634f;
-  float q[4], acc[4];
-  const float* qrow = a.q + b * a.q_batch + h * Dh;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int d = lane + 32 * i;
-    q[i] = d < Dh ? qrow[d] * a.scale * kLog2e : 0.0f;
-    acc[i] = 0.0f;
-  }
   int64_t begin = 0, end = Lk;
   if (a.causal) {
     end = min(Lk, pos + 1);
@@ -936,26 +949,105 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
   }
   const float* kbase = a.k + b * a.kv_batch + g * a.kv_head;
   const float* vbase = a.v + b * a.kv_batch + g * a.kv_head;
-  // Each warp takes kDecodeKeys consecutive keys per step, their key and value rows loaded
-  // together before any arithmetic: one memory latency per step instead of one per key (a
-  // split block's 64 keys are one step of its 8 warps), and the keys' dot products reduce
-  // across the warp side by side. (Key by key: H100 bf16 decode 162.1-162.2 tok/s, 4-bit
-  // 304-317; this way 164.6-164.7 and 326.1-326.6 in the same call.)
-  float m = -INFINITY, l = 0.0f;
-  for (int64_t j0 = begin + warp * kDecodeKeys; j0 < end; j0 += kDecodeWarps * kDecodeKeys) {
-    float kr[kDecodeKeys][4], vr[kDecodeKeys][4];
+  float kr[kDecodeKeys][4], vr[kDecodeKeys][4];
+  // Key rows j0.. of this warp with j in [begin, last), into registers (zeros elsewhere).
+  auto load_keys = [&](int64_t j0, int64_t last) {
 #pragma unroll
     for (int t = 0; t < kDecodeKeys; ++t) {
-      const bool valid = j0 + t < end;
+      const bool valid = j0 + t >= begin && j0 + t < last;
       const float* krow = kbase + (j0 + t) * a.kv_row;
       const float* vrow = vbase + (j0 + t) * a.kv_row;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int d = lane + 32 * i;
-        kr[t][i] = valid && d < Dh ? krow[d] : 0.0f;
-        vr[t][i] = valid && d < Dh ? vrow[d] : 0.0f;
+        kr[t][i] = valid && d < Dh ? __ldcg(krow + d) : 0.0f;
+        vr[t][i] = valid && d < Dh ? __ldcg(vrow + d) : 0.0f;
       }
     }
+  };
+  const int64_t split_j0 = begin + warp * kDecodeKeys;
+  if constexpr (kSplit) load_keys(split_j0, min(end, pos));
+  pdl_wait();
+  pdl_trigger();
+
+  float q[4], acc[4];
+  const float* qrow = a.q + b * a.q_batch + h * Dh;
+  if constexpr (kRope) {
+    // Stage the raw query, the raw new key (blocks whose keys include it) and the angles.
+    __shared__ float q_raw[kFlashMaxDh], k_raw[kFlashMaxDh];
+    __shared__ float cos_f[kFlashMaxDh / 2], sin_f[kFlashMaxDh / 2];
+    const int half = Dh / 2;
+    const bool has_new = begin <= pos && pos < end;  // the same for the whole block
+    const float* knew = rope.k + (b * a.Hkv + g) * Dh;
+    const float* vnew = rope.v + (b * a.Hkv + g) * Dh;
+    if (threadIdx.x < half) {
+      float sn, cs;
+      sincosf(float(pos) * rope.inv_freqs[threadIdx.x], &sn, &cs);
+      cos_f[threadIdx.x] = cs;
+      sin_f[threadIdx.x] = sn;
+    }
+    if (threadIdx.x < Dh) {
+      q_raw[threadIdx.x] = qrow[threadIdx.x];
+      if (has_new) k_raw[threadIdx.x] = knew[threadIdx.x];
+    }
+    __syncthreads();
+    // Element d of the rotate-half RoPE, as rope_append_kernel computes it.
+    auto rotated = [&](const float* x, int d) {
+      if (d < half) return x[d] * cos_f[d] - x[d + half] * sin_f[d];
+      return x[d] * cos_f[d - half] + x[d - half] * sin_f[d - half];
+    };
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int d = lane + 32 * i;
+      q[i] = d < Dh ? rotated(q_raw, d) * a.scale * kLog2e : 0.0f;
+      acc[i] = 0.0f;
+    }
+    if (has_new) {
+#pragma unroll
+      for (int t = 0; t < kDecodeKeys; ++t) {
+        if (split_j0 + t != pos) continue;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int d = lane + 32 * i;
+          kr[t][i] = d < Dh ? rotated(k_raw, d) : 0.0f;
+          vr[t][i] = d < Dh ? vnew[d] : 0.0f;
+        }
+      }
+      if (h % (a.Hq / a.Hkv) == 0 && threadIdx.x < Dh) {  // one block per KV head stores them
+        const int64_t at = b * a.kv_batch + g * a.kv_head + pos * a.kv_row + threadIdx.x;
+        rope.keys[at] = rotated(k_raw, threadIdx.x);
+        rope.values[at] = vnew[threadIdx.x];
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int d = lane + 32 * i;
+      q[i] = d < Dh ? qrow[d] * a.scale * kLog2e : 0.0f;
+      acc[i] = 0.0f;
+    }
+    // The new position was stored by the previous kernel.
+    if constexpr (kSplit)
+      if (split_j0 <= pos && pos < split_j0 + kDecodeKeys && pos >= begin && pos < end) {
+#pragma unroll
+        for (int t = 0; t < kDecodeKeys; ++t) {
+          if (split_j0 + t != pos) continue;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int d = lane + 32 * i;
+            kr[t][i] = d < Dh ? kbase[pos * a.kv_row + d] : 0.0f;
+            vr[t][i] = d < Dh ? vbase[pos * a.kv_row + d] : 0.0f;
+          }
+        }
+      }
+  }
+
+  // Each warp takes kDecodeKeys consecutive keys per step, their key and value rows loaded
+  // together before any arithmetic: one memory latency per step instead of one per key, and
+  // the keys' dot products reduce across the warp side by side. (Key by key: H100 bf16 decode
+  // 162.1-162.2 tok/s, 4-bit 304-317; this way 164.6-164.7 and 326.1-326.6 in the same call.)
+  float m = -INFINITY, l = 0.0f;
+  auto attend = [&](int64_t j0) {
     float s[kDecodeKeys];
 #pragma unroll
     for (int t = 0; t < kDecodeKeys; ++t)
@@ -981,6 +1073,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
       for (int i = 0; i < 4; ++i) acc[i] += p * vr[t][i];
     }
     m = m_new;
+  };
+  if constexpr (kSplit) {
+    if (split_j0 < end) attend(split_j0);
+  } else {
+    for (int64_t j0 = begin + warp * kDecodeKeys; j0 < end; j0 += kDecodeWarps * kDecodeKeys) {
+      load_keys(j0, end);
+      attend(j0);
+    }
   }
   if (lane == 0) {
     part_m[warp] = m;
@@ -1077,6 +1177,31 @@ bool split_decode_attention() {
   return on;
 }
 
+// MOXIN_CUDA_FUSED_ROPE_ATTENTION=0: a decode step rotates and stores its new key in a launch
+// of its own before attention (the comparison baseline).
+bool fused_rope_attention() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOXIN_CUDA_FUSED_ROPE_ATTENTION");
+    return !(v && v[0] == '0');
+  }();
+  return on;
+}
+
+// Whether `blocks` blocks of the fused decode attention run in one wave. After the previous
+// kernel ends each of its blocks stages the raw query and key, takes a barrier and rotates them:
+// in one wave that costs less than the RoPE launch it replaces, over many waves (large batches,
+// long caches) every wave pays it, and the separate launch measured faster (H100, bf16 batch of
+// 32: 2203 fused against 2331 tokens/s, bench/GPU_NOTES.md).
+bool fused_decode_fits_one_wave(int64_t blocks) {
+  static const int64_t resident = [] {
+    int per_sm = 0;
+    MOXIN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, decode_attention_kernel<true, true>, kDecodeWarps * 32, 0));
+    return int64_t(std::max(per_sm, 1)) * properties().multiProcessorCount;
+  }();
+  return blocks <= resident;
+}
+
 // inv_freq = 1 / theta^(2f / Dh), computed on the host exactly as the CPU path does (glibc's
 // powf), so both paths rotate by bit-identical angles; one small table per (Dh, theta), made
 // during the prefill (never inside a recorded step).
@@ -1098,8 +1223,10 @@ const float* inv_freq_table(int64_t Dh, float theta) {
 }
 
 // `key_capacity`: the most keys a recorded step may ever see (the cache's capacity), which
-// fixes the split count of decode attention.
-void launch_attention(const AttnArgs& a, int64_t B, int64_t key_capacity = 0) {
+// fixes the split count of decode attention. `rope`: a decode step whose queries and new key
+// are still to be rotated and the key and value still to be stored (split kernel only).
+void launch_attention(const AttnArgs& a, int64_t B, int64_t key_capacity = 0,
+                      const DecodeRope* rope = nullptr) {
   if (a.Dh > kFlashMaxDh || a.Dh < 1)
     throw_error(ErrorKind::Compute, "attention: head dim " + std::to_string(a.Dh) +
                                         " unsupported on CUDA (at most 128)");
@@ -1108,15 +1235,20 @@ void launch_attention(const AttnArgs& a, int64_t B, int64_t key_capacity = 0) {
   if (a.Lq == 0 || B == 0) return;
   if (a.Lq == 1 && a.causal) {
     const int64_t splits = (std::max(key_capacity, a.Lk) + kSplitKeys - 1) / kSplitKeys;
-    if (splits > 1 && split_decode_attention()) {
+    if (rope || (splits > 1 && split_decode_attention())) {
       Tensor partials =
           Tensor::empty({B, a.Hq, splits, a.Dh + 2}, DType::F32, Device::CUDA);
-      launch_pdl(decode_attention_kernel<true>,
-                 dim3(unsigned(a.Hq), unsigned(B), unsigned(splits)), kDecodeWarps * 32, 0, a,
-                 partials.data_mut<float>(), split_arrivals(B * a.Hq));
+      const dim3 grid(unsigned(a.Hq), unsigned(B), unsigned(splits));
+      if (rope)
+        launch_pdl(decode_attention_kernel<true, true>, grid, kDecodeWarps * 32, 0, a, *rope,
+                   partials.data_mut<float>(), split_arrivals(B * a.Hq));
+      else
+        launch_pdl(decode_attention_kernel<true, false>, grid, kDecodeWarps * 32, 0, a,
+                   DecodeRope{}, partials.data_mut<float>(), split_arrivals(B * a.Hq));
     } else {
-      launch_pdl(decode_attention_kernel<false>, dim3(unsigned(a.Hq), unsigned(B)),
-                 kDecodeWarps * 32, 0, a, static_cast<float*>(nullptr), static_cast<int*>(nullptr));
+      launch_pdl(decode_attention_kernel<false, false>, dim3(unsigned(a.Hq), unsigned(B)),
+                 kDecodeWarps * 32, 0, a, DecodeRope{}, static_cast<float*>(nullptr),
+                 static_cast<int*>(nullptr));
     }
   } else {
     if (a.delta) throw_error(ErrorKind::Compute, "a recorded decode step takes one token");
@@ -1312,7 +1444,7 @@ Tensor embedding(const Tensor& ids, const Tensor& table) {
     throw_error(ErrorKind::Request, "token ids must be I32 or I64");
   const int64_t vocab = table.dim(0), D = table.dim(1), n = ids.numel();
   Tensor out = Tensor::empty({n, D}, DType::F32, Device::CUDA);
-  if (n == 0) return out;
+  if (out.numel() == 0) return out;
   // Ids are checked on the host (a recorded decode step's ids are checked by its runner
   // before they are written to the device); the kernel clamps as a last line of defence.
   if (!capturing()) {
@@ -1328,11 +1460,14 @@ Tensor embedding(const Tensor& ids, const Tensor& table) {
   }
   const Tensor dev = ids.to_device(Device::CUDA);
   if (n > 2147483647) throw_error(ErrorKind::Request, "too many token ids");
+  const int64_t row_blocks = (D + kThreads - 1) / kThreads;
+  if (row_blocks > 65535) throw_error(ErrorKind::Compute, "embedding: rows too wide");
+  const dim3 grid{unsigned(n), unsigned(row_blocks)};
   if (ids.dtype() == DType::I64) {
-    launch_pdl(embedding_kernel<int64_t>, unsigned(n), kThreads, 0, dev.data<int64_t>(),
+    launch_pdl(embedding_kernel<int64_t>, grid, kThreads, 0, dev.data<int64_t>(),
                table.raw(), table.dtype(), vocab, D, out.data_mut<float>());
   } else {
-    launch_pdl(embedding_kernel<int32_t>, unsigned(n), kThreads, 0, dev.data<int32_t>(),
+    launch_pdl(embedding_kernel<int32_t>, grid, kThreads, 0, dev.data<int32_t>(),
                table.raw(), table.dtype(), vocab, D, out.data_mut<float>());
   }
   MOXIN_LAUNCH_CHECK();
@@ -1449,6 +1584,40 @@ Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, i
   a.delta = position_delta();
   launch_attention(a, q.dim(0), kv.keys.dim(2));
   return out;
+}
+
+void rope_attention_accumulate(Tensor& x, Tensor& q, const Tensor& k, const Tensor& v,
+                               const CachedKV& kv, int64_t q_offset, float theta, int64_t window,
+                               const Linear& o_proj) {
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&q, &k, &v})
+    require_f32_cuda(*t, "rope_attention_accumulate");
+  if (q.ndim() != 4 || k.ndim() != 4 || v.shape() != k.shape() || q.dim(1) != 1 ||
+      k.dim(1) != 1 || q.dim(0) != k.dim(0) || q.dim(3) != k.dim(3) || q.dim(3) % 2 != 0 ||
+      kv.keys.ndim() != 4 || kv.keys.dim(1) != k.dim(2))
+    throw_error(ErrorKind::Compute, "rope_attention_accumulate: queries " +
+                                        shape_to_string(q.shape()) + " and keys " +
+                                        shape_to_string(k.shape()) +
+                                        " must be one position of [B, 1, H, even Dh] matching "
+                                        "the cache");
+  if (!fused_rope_attention() || !split_decode_attention() ||
+      !fused_decode_fits_one_wave(q.dim(0) * q.dim(2) *
+                                  ((std::max(kv.keys.dim(2), kv.length) + kSplitKeys - 1) /
+                                   kSplitKeys))) {  // the separate launches
+    Tensor keys = kv.keys, values = kv.values;
+    rope_write_pair(q, keys, k, values, v, q_offset, theta);
+    causal_attention_accumulate(x, q, kv, q_offset, window, o_proj);
+    return;
+  }
+  Tensor attn;
+  AttnArgs a = cached_attention_args(q, kv, window, attn);
+  check_queries_end_history(q, kv, q_offset);
+  a.q_offset = q_offset;
+  a.delta = position_delta();
+  Tensor keys = kv.keys, values = kv.values;
+  const DecodeRope rope{k.data<float>(), v.data<float>(), keys.data_mut<float>(),
+                        values.data_mut<float>(), inv_freq_table(q.dim(3), theta)};
+  launch_attention(a, q.dim(0), kv.keys.dim(2), &rope);
+  linear_accumulate(x, attn, o_proj);
 }
 
 void causal_attention_accumulate(Tensor& x, const Tensor& q, const CachedKV& kv,
