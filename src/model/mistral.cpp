@@ -32,7 +32,7 @@ Tensor decoder_layer_forward(const DecoderLayer& layer, const Tensor& x_in, KeyV
   Tensor k = qkv[1].reshape({B, L, Hkv, Dh});
   Tensor v = qkv[2].reshape({B, L, Hkv, Dh});
   // One new position per sequence (decode): RoPE, the KV store, attention and o_proj as one op
-  // in the cache's own storage (on a GPU the attention kernel stores the rotated key itself).
+  // in the cache's own storage (on a GPU, one launch fewer: attention stores the rotated key).
   std::optional<CachedKV> slot;
   if (!ragged && L == 1) slot = cache.reserve_and_fetch(k, v);
   if (ragged) {  // each sequence at its own position, attending over its own history

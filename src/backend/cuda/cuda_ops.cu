@@ -908,7 +908,8 @@ void launch_mma_attention(const AttnArgs& a, int64_t B) {
 // kRope (split only): q and the new key arrive as projected. The kernel rotates them (the angles
 // of rope_append_kernel), takes the new key and value from registers, and one block per KV head
 // stores them in the cache at the new position: the decode step's RoPE + KV append launch is
-// gone. No block of this launch reads that position from the cache.
+// gone (for grids of one wave: fused_decode_fits_one_wave). No block of this launch reads that
+// position from the cache.
 constexpr int kDecodeWarps = 8;
 constexpr int kDecodeKeys = 8;  // keys per warp and step
 constexpr int kSplitKeys = kDecodeWarps * kDecodeKeys;
