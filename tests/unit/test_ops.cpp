@@ -311,7 +311,7 @@ TEST(KVCaches, RopeFoldedIntoTheAppendMatchesRotatingFirst) {
 
 // A decode step's slot: reserve_and_fetch advances the offset and lends the storage, and the
 // fused decode op stores the rotated key and value there, as rope_update_and_fetch would have,
-// with the same attention output. Caches that cannot lend storage (and ragged ones) decline.
+// with the same attention output. A cache that cannot lend its storage declines.
 TEST(KVCaches, ReservedSlotTakesTheFusedDecodeStep) {
   KVCache lending(4);
   KVCache plain(4);
