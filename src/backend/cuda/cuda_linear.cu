@@ -888,6 +888,12 @@ size_t fixed_smem_bytes(int64_t K, int bits, int slots, int stages = kFixedStage
   return size_t(fixed_activation_words(K, bits) + ring) * 16;
 }
 
+// Whether `bytes` of dynamic shared memory fit one fixed-point block (1 KB: the kernel's
+// static share).
+bool fixed_smem_fits(size_t bytes) {
+  return bytes + 1024 <= size_t(properties().sharedMemPerBlockOptin);
+}
+
 // Whether the fixed-point kernel takes this product: 4/8-bit, MLX group sizes, an even number
 // of groups per row (so the 4-byte word holding any 16-bit parameter stays inside the tensor),
 // parameters 4-byte aligned, and everything in one block's shared memory.
@@ -896,8 +902,7 @@ bool fixed_point_fits(int bits, int group_size, int64_t K, const void* scales, c
          K % group_size == 0 && (K / group_size) % 2 == 0 &&
          reinterpret_cast<uintptr_t>(scales) % 4 == 0 &&
          reinterpret_cast<uintptr_t>(biases) % 4 == 0 &&
-         fixed_smem_bytes(K, bits, kFixedMaxSlots) + 1024 <=
-             size_t(properties().sharedMemPerBlockOptin);  // 1 KB: the kernel's static share
+         fixed_smem_fits(fixed_smem_bytes(K, bits, kFixedMaxSlots));
 }
 
 // acc + the dot of four signed (hi) or unsigned (lo) activation bytes with four code bytes.
@@ -1336,9 +1341,8 @@ bool fixed_deep_ring() {
 template <int kBits, int R, int kUnroll, bool kGated, bool kBf16Params>
 void launch_fixed_depth(const float* x, const GemvSegments& s, int64_t K, const RMSNorm* norm) {
   constexpr int kSlots = kUnroll * (kGated ? 2 * R : R);
-  const bool deep = fixed_deep_ring() &&
-                    fixed_smem_bytes(K, kBits, kSlots, kFixedDeepStages) + 1024 <=
-                        size_t(properties().sharedMemPerBlockOptin);
+  const bool deep =
+      fixed_deep_ring() && fixed_smem_fits(fixed_smem_bytes(K, kBits, kSlots, kFixedDeepStages));
   if (deep)
     launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, kFixedDeepStages>(x, s, K, norm);
   else

@@ -968,6 +968,20 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
   };
   const int64_t split_j0 = begin + warp * kDecodeKeys;
   if constexpr (kSplit) load_keys(split_j0, min(end, pos));
+  const bool has_new = begin <= pos && pos < end;  // the same for the whole block
+  // The new position's key and value (key(d), value(d)) into the slot of the warp holding it.
+  auto place_new = [&](auto key, auto value) {
+#pragma unroll
+    for (int t = 0; t < kDecodeKeys; ++t) {
+      if (split_j0 + t != pos) continue;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int d = lane + 32 * i;
+        kr[t][i] = d < Dh ? key(d) : 0.0f;
+        vr[t][i] = d < Dh ? value(d) : 0.0f;
+      }
+    }
+  };
   pdl_wait();
   pdl_trigger();
 
@@ -978,7 +992,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     __shared__ float q_raw[kFlashMaxDh], k_raw[kFlashMaxDh];
     __shared__ float cos_f[kFlashMaxDh / 2], sin_f[kFlashMaxDh / 2];
     const int half = Dh / 2;
-    const bool has_new = begin <= pos && pos < end;  // the same for the whole block
     const float* knew = rope.k + (b * a.Hkv + g) * Dh;
     const float* vnew = rope.v + (b * a.Hkv + g) * Dh;
     if (threadIdx.x < half) {
@@ -1004,16 +1017,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
       acc[i] = 0.0f;
     }
     if (has_new) {
-#pragma unroll
-      for (int t = 0; t < kDecodeKeys; ++t) {
-        if (split_j0 + t != pos) continue;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int d = lane + 32 * i;
-          kr[t][i] = d < Dh ? rotated(k_raw, d) : 0.0f;
-          vr[t][i] = d < Dh ? vnew[d] : 0.0f;
-        }
-      }
+      place_new([&](int d) { return rotated(k_raw, d); }, [&](int d) { return vnew[d]; });
       if (h % (a.Hq / a.Hkv) == 0 && threadIdx.x < Dh) {  // one block per KV head stores them
         const int64_t at = b * a.kv_batch + g * a.kv_head + pos * a.kv_row + threadIdx.x;
         rope.keys[at] = rotated(k_raw, threadIdx.x);
@@ -1029,18 +1033,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     }
     // The new position was stored by the previous kernel.
     if constexpr (kSplit)
-      if (split_j0 <= pos && pos < split_j0 + kDecodeKeys && pos >= begin && pos < end) {
-#pragma unroll
-        for (int t = 0; t < kDecodeKeys; ++t) {
-          if (split_j0 + t != pos) continue;
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int d = lane + 32 * i;
-            kr[t][i] = d < Dh ? kbase[pos * a.kv_row + d] : 0.0f;
-            vr[t][i] = d < Dh ? vbase[pos * a.kv_row + d] : 0.0f;
-          }
-        }
-      }
+      if (has_new)
+        place_new([&](int d) { return kbase[pos * a.kv_row + d]; },
+                  [&](int d) { return vbase[pos * a.kv_row + d]; });
   }
 
   // Each warp takes kDecodeKeys consecutive keys per step, their key and value rows loaded
