@@ -164,6 +164,22 @@ if [[ $what != tests ]]; then
       python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d.get(k) for k in ('decode_tok_s','decode_fraction_of_roofline','decode_eager_tok_s','decode_tok_s_aggregate','ttft_ms','prefill_ms','peak_gpu_mem_over_weights_kv_gb')})" "$out/dab_$i.json"
     done
     pack
+    # AB_NCU=REGEX: then every Nsight Compute section, with the source view's stall samples, for
+    # AB_NCU_COUNT (default 8) launches of the kernels matching REGEX in a 4-bit bench of the
+    # new binary, after skipping AB_NCU_SKIP (default 400) of them.
+    if [[ -n ${AB_NCU:-} ]]; then
+      timeout 300 ncu --kernel-name "regex:$AB_NCU" --launch-skip "${AB_NCU_SKIP:-400}" \
+        --launch-count "${AB_NCU_COUNT:-8}" --set full --import-source yes -f -o /tmp/abncu \
+        "$dist/moxin-vlm" bench --model /tmp/moxin-full --device cuda --prompt-tokens 24 \
+        --decode-tokens 8 --quantize 4 --group-size 64 >"$out/ncu_ab_run.txt" 2>&1
+      echo "ncu rc=$?"
+      ncu -i /tmp/abncu.ncu-rep --page details >"$out/ncu_ab_details.txt" 2>&1
+      ncu -i /tmp/abncu.ncu-rep --page source --csv --print-source sass \
+        >"$out/ncu_ab_sass.csv" 2>&1
+      grep -E "gemv|Duration|DRAM Throughput|Issue Slots|Registers Per|Warp Cycles Per Issued" \
+        "$out/ncu_ab_details.txt" | head -80
+      pack
+    fi
     exit 0
   fi
   if [[ $what == prefill_ab ]]; then

@@ -269,11 +269,13 @@ TEST(CudaOps, WideQuantizedFusedProductsMatchCpu) {
 // output must lie within float rounding plus the stated bound 2^-16 sum_g max|x_g| sum_k |s q_k|
 // of the exact product (double precision, from the dequantized weights), for every variant and
 // group size, with and without the folded RMSNorm, and with one large outlier per group (the
-// worst case for a per-group step). A non-finite activation makes the outputs NaN.
+// worst case for a per-group step). A non-finite activation makes the outputs NaN. The wide
+// rows take more than one pass of the activation conversion and shallower staging rings (every
+// ring depth is reached by some variant at one of the two widths).
 TEST(CudaOps, FixedPointProductsStayWithinTheirBound) {
   MOXIN_SKIP_WITHOUT_GPU();
   uint32_t seed = 900;
-  const int64_t K = 1536, N = 129;
+  int64_t K = 0, N = 0;
   auto check = [&](const Tensor& gpu_y, const std::vector<float>& xn, const QuantizedTensor& q,
                    const std::string& what) {
     const std::vector<float> y = gpu_y.to_device(Device::CPU).to_vector();
@@ -300,28 +302,37 @@ TEST(CudaOps, FixedPointProductsStayWithinTheirBound) {
                       << ", limit " << limit;
     }
   };
-  for (int variant = 0; variant < 4; ++variant) {
-    cuda::set_gemv_variant_for_testing(variant);
-    for (int bits : {4, 8}) {
-      for (int group : {32, 64, 128}) {
-        const std::string what = "variant " + std::to_string(variant) + " bits " +
-                                 std::to_string(bits) + " group " + std::to_string(group);
-        const Tensor wt = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
-        const QuantizedTensor q = quantize(wt, group, bits);
-        const Linear layer = gpu_quantized(q);
-        std::vector<float> xv = random_tensor({K}, ++seed).to_vector();
-        for (int64_t g = 0; g < K / group; ++g) xv[size_t(g * group + (g * 7) % group)] *= 100.0f;
-        const Tensor x = Tensor::from_vector({1, K}, xv);
-        check(ops::linear(gpu(x), layer), xv, q, what);
-        // Folded norm (one segment through the fused launch): the bound is on the normed input.
-        const RMSNorm norm{random_tensor({K}, ++seed, 0.5f), 1e-5f};
-        const RMSNorm gnorm{gpu(norm.weight), norm.eps};
-        const std::vector<Tensor> normed = ops::linear_same_input(gpu(x), {&layer}, &gnorm);
-        check(normed[0], ops::rms_norm(x, norm).to_vector(), q, what + " normed");
+  for (const auto& [width, rows] : {std::pair<int64_t, int64_t>{1536, 129}, {20736, 67}}) {
+    K = width;
+    N = rows;
+    for (int variant = 0; variant < 4; ++variant) {
+      cuda::set_gemv_variant_for_testing(variant);
+      for (int bits : {4, 8}) {
+        for (int group : {32, 64, 128}) {
+          const std::string what = "K " + std::to_string(K) + " variant " +
+                                   std::to_string(variant) + " bits " + std::to_string(bits) +
+                                   " group " + std::to_string(group);
+          const Tensor wt = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
+          const QuantizedTensor q = quantize(wt, group, bits);
+          const Linear layer = gpu_quantized(q);
+          std::vector<float> xv = random_tensor({K}, ++seed).to_vector();
+          for (int64_t g = 0; g < K / group; ++g)
+            xv[size_t(g * group + (g * 7) % group)] *= 100.0f;
+          const Tensor x = Tensor::from_vector({1, K}, xv);
+          check(ops::linear(gpu(x), layer), xv, q, what);
+          // Folded norm (one segment through the fused launch): the bound is on the normed
+          // input.
+          const RMSNorm norm{random_tensor({K}, ++seed, 0.5f), 1e-5f};
+          const RMSNorm gnorm{gpu(norm.weight), norm.eps};
+          const std::vector<Tensor> normed = ops::linear_same_input(gpu(x), {&layer}, &gnorm);
+          check(normed[0], ops::rms_norm(x, norm).to_vector(), q, what + " normed");
+        }
       }
     }
   }
   cuda::set_gemv_variant_for_testing(-1);
+  K = 1536;
+  N = 129;
   const Tensor wt = random_tensor({N, K}, ++seed, 0.05f).to(DType::BF16);
   const Linear layer = gpu_quantized(quantize(wt, 64, 4));
   for (float bad : {NAN, INFINITY}) {

@@ -873,8 +873,10 @@ __global__ void __launch_bounds__(kGemvThreads)
 // the pace (half the ring measured 20% slower: bench/GPU_NOTES.md), so products whose
 // activations leave room take a ring one step deeper.
 constexpr int kFixedWarps = 16;
-constexpr int kFixedStages = 3;     // steps per warp in flight or being computed, at least
-constexpr int kFixedDeepStages = 4;  // where shared memory allows
+constexpr int kFixedStages = 3;  // steps per warp in flight or being computed, at least
+// Deeper rings where shared memory allows: 4 steps for every variant, 6 or 8 for those of two
+// chunks per lane and step (their steps are half as large).
+constexpr int kFixedMaxStages = 8;
 constexpr int kFixedMaxSlots = 4;   // kUnroll * rows per warp, the most any variant uses
 
 // Shared memory in 16-byte words: per chunk {dx, sum x} and the fixed-point activations; then
@@ -937,67 +939,88 @@ __device__ __forceinline__ float convert_activations(const float* __restrict__ x
   constexpr int kPerWord = 32 / kBits;
   const int64_t words = K / kPerWord, chunks = words / 4;
   const int lanes_per_group = group_size / kPerWord;  // 4..32, a power of two
+  // Each thread's words of one pass are loaded before any is converted: a load, its
+  // conversion and the shuffles of its group in turn cost a round trip to L2 per word, which
+  // down_proj's K (3.5 words per thread at 4 bits) paid four times after the wait.
+  constexpr int kVecs = kPerWord / 4;           // float4 per word
+  constexpr int kWordsInFlight = 8 / kVecs;     // per thread and pass: 8 float4 loads
   float sum_sq = 0.0f;
-  for (int64_t base = 0; base < words; base += blockDim.x) {
-    const int64_t w = base + threadIdx.x;
-    const bool active = w < words;
-    float v[kPerWord];
+  for (int64_t pass = 0; pass < words; pass += int64_t(kWordsInFlight) * blockDim.x) {
+    float4 loaded[kWordsInFlight][kVecs], gains[kWordsInFlight][kVecs];
 #pragma unroll
-    for (int i = 0; i < kPerWord / 4; ++i) {
-      float4 a = active ? reinterpret_cast<const float4*>(x + w * kPerWord)[i]
-                        : make_float4(0.f, 0.f, 0.f, 0.f);
-      if (norm_weight) {
-        sum_sq += (a.x * a.x + a.y * a.y) + (a.z * a.z + a.w * a.w);
-        const float4 g = active ? reinterpret_cast<const float4*>(norm_weight + w * kPerWord)[i]
-                                : make_float4(0.f, 0.f, 0.f, 0.f);
-        a = make_float4(a.x * g.x, a.y * g.y, a.z * g.z, a.w * g.w);
+    for (int b = 0; b < kWordsInFlight; ++b) {
+      const int64_t w = pass + int64_t(b) * blockDim.x + threadIdx.x;
+#pragma unroll
+      for (int i = 0; i < kVecs; ++i) {
+        loaded[b][i] = w < words ? reinterpret_cast<const float4*>(x + w * kPerWord)[i]
+                                 : make_float4(0.f, 0.f, 0.f, 0.f);
+        if (norm_weight)
+          gains[b][i] = w < words ? reinterpret_cast<const float4*>(norm_weight + w * kPerWord)[i]
+                                  : make_float4(0.f, 0.f, 0.f, 0.f);
       }
-      v[4 * i] = a.x;
-      v[4 * i + 1] = a.y;
-      v[4 * i + 2] = a.z;
-      v[4 * i + 3] = a.w;
     }
-    float peak = 0.0f, chunk_sum = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kPerWord; ++i) {
-      peak = fmaxf(peak, fabsf(v[i]));
-      chunk_sum += v[i];
-    }
-    // The lanes of one chunk (4 words) and of one group are consecutive and aligned
-    // (blockDim.x is a multiple of 32).
-    for (int o = 1; o < 4; o <<= 1) chunk_sum += __shfl_xor_sync(0xffffffffu, chunk_sum, o);
-    float group_sum = chunk_sum;
-    for (int o = 1; o < lanes_per_group; o <<= 1) {
-      peak = fmaxf(peak, __shfl_xor_sync(0xffffffffu, peak, o));
-      if (o >= 4) group_sum += __shfl_xor_sync(0xffffffffu, group_sum, o);
-    }
-    if (!active) continue;
-    // fmaxf drops NaN, the sums keep it (and inf); such a group's outputs become NaN.
-    const bool finite = isfinite(group_sum) && isfinite(peak);
-    const float inv = finite && peak > 0.0f ? 32767.0f / peak : 0.0f;
-    int q[kPerWord];
+    for (int b = 0; b < kWordsInFlight; ++b) {
+      const int64_t w = pass + int64_t(b) * blockDim.x + threadIdx.x;
+      // Whole warps leave together (blockDim.x is a multiple of 32, words of 4).
+      if (pass + int64_t(b) * blockDim.x >= words) break;
+      const bool active = w < words;
+      float v[kPerWord];
 #pragma unroll
-    for (int i = 0; i < kPerWord; ++i) q[i] = finite ? __float2int_rn(v[i] * inv) : 0;
-    int hi[kPerWord], lo[kPerWord];
+      for (int i = 0; i < kVecs; ++i) {
+        float4 a = loaded[b][i];
+        if (norm_weight) {
+          sum_sq += (a.x * a.x + a.y * a.y) + (a.z * a.z + a.w * a.w);
+          const float4 g = gains[b][i];
+          a = make_float4(a.x * g.x, a.y * g.y, a.z * g.z, a.w * g.w);
+        }
+        v[4 * i] = a.x;
+        v[4 * i + 1] = a.y;
+        v[4 * i + 2] = a.z;
+        v[4 * i + 3] = a.w;
+      }
+      float peak = 0.0f, chunk_sum = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kPerWord; ++i) {
-      lo[i] = q[i] & 0xff;
-      hi[i] = q[i] >> 8;  // arithmetic: q = 256 hi + lo
+      for (int i = 0; i < kPerWord; ++i) {
+        peak = fmaxf(peak, fabsf(v[i]));
+        chunk_sum += v[i];
+      }
+      // The lanes of one chunk (4 words) and of one group are consecutive and aligned
+      // (blockDim.x is a multiple of 32).
+      for (int o = 1; o < 4; o <<= 1) chunk_sum += __shfl_xor_sync(0xffffffffu, chunk_sum, o);
+      float group_sum = chunk_sum;
+      for (int o = 1; o < lanes_per_group; o <<= 1) {
+        peak = fmaxf(peak, __shfl_xor_sync(0xffffffffu, peak, o));
+        if (o >= 4) group_sum += __shfl_xor_sync(0xffffffffu, group_sum, o);
+      }
+      if (!active) continue;
+      // fmaxf drops NaN, the sums keep it (and inf); such a group's outputs become NaN.
+      const bool finite = isfinite(group_sum) && isfinite(peak);
+      const float inv = finite && peak > 0.0f ? 32767.0f / peak : 0.0f;
+      int q[kPerWord];
+#pragma unroll
+      for (int i = 0; i < kPerWord; ++i) q[i] = finite ? __float2int_rn(v[i] * inv) : 0;
+      int hi[kPerWord], lo[kPerWord];
+#pragma unroll
+      for (int i = 0; i < kPerWord; ++i) {
+        lo[i] = q[i] & 0xff;
+        hi[i] = q[i] >> 8;  // arithmetic: q = 256 hi + lo
+      }
+      FixedWord<kBits> word;
+      if constexpr (kBits == 4) {
+        word = make_uint4(pack_bytes(hi[0], hi[2], hi[4], hi[6]),
+                          pack_bytes(hi[1], hi[3], hi[5], hi[7]),
+                          pack_bytes(lo[0], lo[2], lo[4], lo[6]),
+                          pack_bytes(lo[1], lo[3], lo[5], lo[7]));
+      } else {
+        word = make_uint2(pack_bytes(hi[0], hi[1], hi[2], hi[3]),
+                          pack_bytes(lo[0], lo[1], lo[2], lo[3]));
+      }
+      xq[(w % 4) * chunks + w / 4] = word;
+      if (w % 4 == 0)
+        chunk_params[w / 4] =
+            make_float2(peak / 32767.0f, finite ? chunk_sum : __int_as_float(0x7fc00000));
     }
-    FixedWord<kBits> word;
-    if constexpr (kBits == 4) {
-      word = make_uint4(pack_bytes(hi[0], hi[2], hi[4], hi[6]),
-                        pack_bytes(hi[1], hi[3], hi[5], hi[7]),
-                        pack_bytes(lo[0], lo[2], lo[4], lo[6]),
-                        pack_bytes(lo[1], lo[3], lo[5], lo[7]));
-    } else {
-      word = make_uint2(pack_bytes(hi[0], hi[1], hi[2], hi[3]),
-                        pack_bytes(lo[0], lo[1], lo[2], lo[3]));
-    }
-    xq[(w % 4) * chunks + w / 4] = word;
-    if (w % 4 == 0)
-      chunk_params[w / 4] =
-          make_float2(peak / 32767.0f, finite ? chunk_sum : __int_as_float(0x7fc00000));
   }
   return sum_sq;
 }
@@ -1329,24 +1352,29 @@ void launch_fixed_kernel(const float* x, const GemvSegments& s, int64_t K, const
              norm ? norm->weight.data<float>() : nullptr, norm ? norm->eps : 0.0f);
 }
 
-// MOXIN_CUDA_FIXED_DEEP_RING=0: every product takes the shallower ring (comparison baseline).
-bool fixed_deep_ring() {
-  static const bool on = [] {
-    const char* v = std::getenv("MOXIN_CUDA_FIXED_DEEP_RING");
-    return !(v && v[0] == '0');
+// MOXIN_CUDA_FIXED_RING_STAGES=N: no ring deeper than N steps (3: the shallowest everywhere,
+// the comparison baseline).
+int fixed_ring_stages_limit() {
+  static const int limit = [] {
+    const char* v = std::getenv("MOXIN_CUDA_FIXED_RING_STAGES");
+    return v ? std::clamp(std::atoi(v), kFixedStages, kFixedMaxStages) : kFixedMaxStages;
   }();
-  return on;
+  return limit;
 }
 
 template <int kBits, int R, int kUnroll, bool kGated, bool kBf16Params>
 void launch_fixed_depth(const float* x, const GemvSegments& s, int64_t K, const RMSNorm* norm) {
   constexpr int kSlots = kUnroll * (kGated ? 2 * R : R);
-  const bool deep =
-      fixed_deep_ring() && fixed_smem_fits(fixed_smem_bytes(K, kBits, kSlots, kFixedDeepStages));
-  if (deep)
-    launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, kFixedDeepStages>(x, s, K, norm);
-  else
-    launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, kFixedStages>(x, s, K, norm);
+  auto fits = [&](int stages) {
+    return stages <= fixed_ring_stages_limit() &&
+           fixed_smem_fits(fixed_smem_bytes(K, kBits, kSlots, stages));
+  };
+  if constexpr (kSlots <= 2) {
+    if (fits(8)) return launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, 8>(x, s, K, norm);
+    if (fits(6)) return launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, 6>(x, s, K, norm);
+  }
+  if (fits(4)) return launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, 4>(x, s, K, norm);
+  launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, kFixedStages>(x, s, K, norm);
 }
 
 template <int kBits, int R, int kUnroll, bool kGated>
