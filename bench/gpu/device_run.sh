@@ -146,7 +146,7 @@ if [[ $what != tests ]]; then
     # Decode at bf16 and 4-bit with and without one change, in turn: "old" runs set $AB_ENV
     # (e.g. MOXIN_X=1), or run $AB_BIN (a baseline binary carried in the build's dist) instead.
     i=0
-    # $AB_RUNS: "BITS new|old|NAME=VALUE" items separated by commas (default: bf16 and 4-bit,
+    # $AB_RUNS: "BITS new|old|NAME=VALUE|old+NAME=VALUE" items separated by commas (default: bf16 and 4-bit,
     # twice each); NAME=VALUE runs the new binary with that variable set.
     IFS=, read -r -a runs <<<"${AB_RUNS:-16 new,16 old,4 new,4 old,16 new,16 old,4 new,4 old}"
     for run in "${runs[@]}"; do
@@ -155,8 +155,9 @@ if [[ $what != tests ]]; then
       # BITS "bN": bf16 decoding of a batch of N (bench --batch N, aggregate tokens/s)
       quant=(); [[ $1 != 16 && $1 != b* ]] && quant=(--quantize $1 --group-size 64)
       [[ $1 == b* ]] && quant=(--batch "${1#b}")
-      cfg=""; [[ $2 == old ]] && cfg="${AB_ENV:-}"; [[ $2 == *=* ]] && cfg="$2"
-      bin="$dist/moxin-vlm"; [[ $2 == old && -n ${AB_BIN:-} ]] && bin="$dist/$AB_BIN"
+      # "old+NAME=VALUE": the baseline binary with that variable set.
+      cfg=""; [[ $2 == old ]] && cfg="${AB_ENV:-}"; [[ $2 == *=* ]] && cfg="${2#old+}"
+      bin="$dist/moxin-vlm"; [[ $2 == old* && -n ${AB_BIN:-} ]] && bin="$dist/$AB_BIN"
       env $cfg MOXIN_CUDA_TUNE_LOG=1 timeout 200 "$bin" bench --model /tmp/moxin-full \
         --device cuda --prompt-tokens 24 --decode-tokens 128 "${quant[@]}" \
         >"$out/dab_$i.json" 2>"$out/dab_$i.err"

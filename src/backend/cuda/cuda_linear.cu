@@ -503,10 +503,39 @@ using TuneKey = std::tuple<int64_t, int64_t, int>;  // N, K, weight kind
 
 std::atomic<int> forced_variant{-1};
 
+// MOXIN_CUDA_GEMV_VARIANTS="N:K:kind=v,...": the variant of those shapes, untimed (keys as the
+// tune log prints them), to compare variants inside a decode step: the tuner times each
+// product alone, back to back, where the smaller ones' weights stay in L2.
+const std::map<TuneKey, int>& pinned_variants() {
+  static const std::map<TuneKey, int> pinned = [] {
+    std::map<TuneKey, int> out;
+    const char* v = std::getenv("MOXIN_CUDA_GEMV_VARIANTS");
+    if (!v) return out;
+    std::string spec(v);
+    size_t at = 0;
+    while (at < spec.size()) {
+      const size_t next = std::min(spec.find(',', at), spec.size());
+      long long n = 0, k = 0;
+      int kind = 0, variant = 0;
+      if (std::sscanf(spec.substr(at, next - at).c_str(), "%lld:%lld:%d=%d", &n, &k, &kind,
+                      &variant) == 4)
+        out[TuneKey{n, k, kind}] = variant;
+      else
+        std::fprintf(stderr, "moxin: MOXIN_CUDA_GEMV_VARIANTS: ignored '%s'\n",
+                     spec.substr(at, next - at).c_str());
+      at = next + 1;
+    }
+    return out;
+  }();
+  return pinned;
+}
+
 template <class Launch>
 int tuned_variant(const TuneKey& key, int variants, const Launch& launch) {
   const int forced = forced_variant.load(std::memory_order_relaxed);
   if (forced >= 0) return std::min(forced, variants - 1);
+  if (auto it = pinned_variants().find(key); it != pinned_variants().end())
+    return std::clamp(it->second, 0, variants - 1);
   static std::mutex mutex;
   static std::map<TuneKey, int> chosen;
   {
