@@ -152,9 +152,11 @@ if [[ $what != tests ]]; then
     for run in "${runs[@]}"; do
       set -- $run
       i=$((i + 1))
-      # BITS "bN": bf16 decoding of a batch of N (bench --batch N, aggregate tokens/s)
-      quant=(); [[ $1 != 16 && $1 != b* ]] && quant=(--quantize $1 --group-size 64)
+      # BITS "bN": bf16 decoding of a batch of N (bench --batch N, aggregate tokens/s); "4bN",
+      # "8bN": the same at 4 or 8 bits.
+      quant=(); [[ $1 != 16 && $1 != *b* ]] && quant=(--quantize $1 --group-size 64)
       [[ $1 == b* ]] && quant=(--batch "${1#b}")
+      [[ $1 == [48]b* ]] && quant=(--quantize "${1%%b*}" --group-size 64 --batch "${1#*b}")
       # "old+NAME=VALUE": the baseline binary with that variable set.
       cfg=""; [[ $2 == old ]] && cfg="${AB_ENV:-}"; [[ $2 == *=* ]] && cfg="${2#old+}"
       bin="$dist/moxin-vlm"; [[ $2 == old* && -n ${AB_BIN:-} ]] && bin="$dist/$AB_BIN"

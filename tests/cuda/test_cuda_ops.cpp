@@ -16,6 +16,7 @@
 #include "moxin/quantize.h"
 #include "ops/ops.h"
 #if MOXIN_WITH_CUDA
+#include "backend/cuda/cuda_graph.h"
 #include "backend/cuda/cuda_ops.h"
 #endif
 
@@ -725,6 +726,44 @@ TEST(CudaOps, RopeFoldedIntoDecodeAttentionMatchesCpu) {
   EXPECT_THROW(ops::rope_attention_accumulate(x, q, two, two, CachedKV{keys, values, 2}, 1, 1e4f,
                                               0, o_proj),
                Error);  // two positions
+}
+
+// The greedy token picked on the GPU (argmax of the last row of logits): the first index among
+// equal maxima, NaN never picked, token 0 for a row without a number. Checked against a plain
+// host scan at widths of one element, one partial warp, one pass of the kernel's loads and
+// several passes, with maxima that tie across threads, warps and passes.
+TEST(CudaOps, GreedyArgmaxTakesTheFirstMaximumAndSkipsNaN) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  auto host_rule = [](const std::vector<float>& row) {
+    int32_t best = -1;
+    for (size_t i = 0; i < row.size(); ++i)
+      if (!std::isnan(row[i]) && (best < 0 || row[i] > row[size_t(best)])) best = int32_t(i);
+    return best < 0 ? 0 : best;
+  };
+  uint32_t seed = 1500;
+  for (int64_t n : {1, 33, 1024, 32064, 32768, 100003}) {
+    const std::vector<float> base = random_tensor({n}, ++seed).to_vector();
+    std::vector<std::vector<float>> rows = {base};
+    std::vector<float> tied = base;  // the maximum three times, the first in a later pass
+    for (int64_t i : {n - 1, n / 2, n / 3}) tied[size_t(i)] = 7.0f;
+    rows.push_back(tied);
+    std::vector<float> with_nan = tied;  // NaN before and at the maxima's neighbours
+    for (int64_t i = 0; i < n; i += 97) with_nan[size_t(i)] = NAN;
+    rows.push_back(with_nan);
+    rows.push_back(std::vector<float>(size_t(n), NAN));
+    rows.push_back(std::vector<float>(size_t(n), -INFINITY));
+    std::vector<float> infinite = base;
+    infinite[size_t(n - 1)] = INFINITY;
+    rows.push_back(infinite);
+    for (size_t r = 0; r < rows.size(); ++r) {
+      // Two rows of logits: only the last one counts.
+      std::vector<float> two(rows[r]);
+      two.insert(two.begin(), rows[r].rbegin(), rows[r].rend());
+      const Tensor logits = gpu(Tensor::from_vector({1, 2, n}, two));
+      EXPECT_EQ(cuda::argmax_last(logits), host_rule(rows[r]))
+          << "width " << n << ", row kind " << r;
+    }
+  }
 }
 
 TEST(CudaOps, BadInputsFailWithErrors) {

@@ -13,6 +13,7 @@
 #include <mutex>
 #include <algorithm>
 #include <string>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
@@ -260,9 +261,12 @@ __global__ void __launch_bounds__(kGemvThreads)
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.0f;
+  // Group sizes are powers of two (32, 64, 128): a chunk's group is a shift away, not a 64-bit
+  // division per chunk.
+  const int group_shift = __ffs(group_size) - 1;
   for (int64_t c = threadIdx.x; c < chunks; c += kGemvThreads) {
     uint4 raw[R];
-    const int64_t g = c * kPerChunk / group_size;
+    const int64_t g = (c * kPerChunk) >> group_shift;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int64_t n = n0 + r < N ? n0 + r : N - 1;  // rows past N compute and are dropped
@@ -800,6 +804,7 @@ __global__ void __launch_bounds__(kGemvThreads)
   const int64_t N = s0.N;
   const int64_t n0 = (int64_t(blockIdx.x) - s0.first_block) * R;
   const int64_t chunks = K / kPerChunk, groups = kBits ? K / segs.group_size : 1;
+  const int group_shift = kBits ? __ffs(segs.group_size) - 1 : 0;  // sizes are powers of two
   int64_t row[RT];
   const void* base[RT];
 #pragma unroll
@@ -848,7 +853,7 @@ __global__ void __launch_bounds__(kGemvThreads)
                   xv[4] * wv[4] + xv[5] * wv[5] + xv[6] * wv[6] + xv[7] * wv[7];
       }
     } else {
-      const int64_t g = c * kPerChunk / segs.group_size;
+      const int64_t g = (c * kPerChunk) >> group_shift;
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
         const GemvSegment& sr = (kGated && r >= R) ? s1 : s0;
@@ -1398,12 +1403,16 @@ void launch_fixed_depth(const float* x, const GemvSegments& s, int64_t K, const 
     return stages <= fixed_ring_stages_limit() &&
            fixed_smem_fits(fixed_smem_bytes(K, kBits, kSlots, stages));
   };
+  auto launch = [&](auto stages) {
+    launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, decltype(stages)::value>(x, s, K,
+                                                                                       norm);
+  };
   if constexpr (kSlots <= 2) {
-    if (fits(8)) return launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, 8>(x, s, K, norm);
-    if (fits(6)) return launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, 6>(x, s, K, norm);
+    if (fits(8)) return launch(std::integral_constant<int, 8>{});
+    if (fits(6)) return launch(std::integral_constant<int, 6>{});
   }
-  if (fits(4)) return launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, 4>(x, s, K, norm);
-  launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, kFixedStages>(x, s, K, norm);
+  if (fits(4)) return launch(std::integral_constant<int, 4>{});
+  launch(std::integral_constant<int, kFixedStages>{});
 }
 
 template <int kBits, int R, int kUnroll, bool kGated>
