@@ -146,8 +146,8 @@ if [[ $what != tests ]]; then
     # Decode at bf16 and 4-bit with and without one change, in turn: "old" runs set $AB_ENV
     # (e.g. MOXIN_X=1), or run $AB_BIN (a baseline binary carried in the build's dist) instead.
     i=0
-    # $AB_RUNS: "BITS new|old|NAME=VALUE|old+NAME=VALUE" items separated by commas (default: bf16 and 4-bit,
-    # twice each); NAME=VALUE runs the new binary with that variable set.
+    # $AB_RUNS: "BITS new|old|NAME=VALUE|old+NAME=VALUE" items separated by commas (default:
+    # bf16 and 4-bit, twice each); NAME=VALUE runs the new binary with that variable set.
     IFS=, read -r -a runs <<<"${AB_RUNS:-16 new,16 old,4 new,4 old,16 new,16 old,4 new,4 old}"
     for run in "${runs[@]}"; do
       set -- $run

@@ -905,7 +905,7 @@ __global__ void __launch_bounds__(kGemvThreads)
 // occupancy nor wait for a register copy (Nsight Compute on the register-pipelined version:
 // 16 warps per SM stalled on L1TEX, 20-31% of DRAM bandwidth). The bytes in flight per SM set
 // the pace (half the ring measured 20% slower: bench/GPU_NOTES.md), so products whose
-// activations leave room take a ring one step deeper.
+// activations leave room take deeper rings.
 constexpr int kFixedWarps = 16;
 constexpr int kFixedStages = 3;  // steps per warp in flight or being computed, at least
 // Deeper rings where shared memory allows: 4 steps for every variant, 6 or 8 for those of two
@@ -973,9 +973,9 @@ __device__ __forceinline__ float convert_activations(const float* __restrict__ x
   constexpr int kPerWord = 32 / kBits;
   const int64_t words = K / kPerWord, chunks = words / 4;
   const int lanes_per_group = group_size / kPerWord;  // 4..32, a power of two
-  // Each thread's words of one pass are loaded before any is converted: a load, its
-  // conversion and the shuffles of its group in turn cost a round trip to L2 per word, which
-  // down_proj's K (3.5 words per thread at 4 bits) paid four times after the wait.
+  // Each thread's words of one pass are loaded before any is converted: converting each word
+  // as it arrived cost a round trip to L2 per word after the wait, which down_proj's K (3.5
+  // words per thread at 4 bits, 7 at 8 bits) paid in turn.
   constexpr int kVecs = kPerWord / 4;           // float4 per word
   constexpr int kWordsInFlight = 8 / kVecs;     // per thread and pass: 8 float4 loads
   float sum_sq = 0.0f;
@@ -996,7 +996,8 @@ __device__ __forceinline__ float convert_activations(const float* __restrict__ x
 #pragma unroll
     for (int b = 0; b < kWordsInFlight; ++b) {
       const int64_t w = pass + int64_t(b) * blockDim.x + threadIdx.x;
-      // Whole warps leave together (blockDim.x is a multiple of 32, words of 4).
+      // The same for every thread, so the whole block leaves (the shuffles below need whole
+      // warps); threads past the end within the last words go on as inactive.
       if (pass + int64_t(b) * blockDim.x >= words) break;
       const bool active = w < words;
       float v[kPerWord];
