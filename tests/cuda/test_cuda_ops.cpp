@@ -728,6 +728,7 @@ TEST(CudaOps, RopeFoldedIntoDecodeAttentionMatchesCpu) {
                Error);  // two positions
 }
 
+#if MOXIN_WITH_CUDA
 // The greedy token picked on the GPU (argmax of the last row of logits): the first index among
 // equal maxima, NaN never picked, token 0 for a row without a number. Checked against a plain
 // host scan at widths of one element, one partial warp, one pass of the kernel's loads and
@@ -765,6 +766,7 @@ TEST(CudaOps, GreedyArgmaxTakesTheFirstMaximumAndSkipsNaN) {
     }
   }
 }
+#endif
 
 TEST(CudaOps, BadInputsFailWithErrors) {
   MOXIN_SKIP_WITHOUT_GPU();
