@@ -256,7 +256,12 @@ void causal_attention_accumulate(Tensor& x, const Tensor& q, const CachedKV& kv,
 void rope_attention_accumulate(Tensor& x, Tensor& q, const Tensor& k, const Tensor& v,
                                const CachedKV& kv, int64_t q_offset, float theta, int64_t window,
                                const Linear& o_proj) {
-  DISPATCH_CUDA(q, rope_attention_accumulate(x, q, k, v, kv, q_offset, theta, window, o_proj));
+#if MOXIN_WITH_CUDA
+  if (q.device() == Device::CUDA &&
+      cuda::fused_rope_attention_accumulate(x, q, k, v, kv, q_offset, theta, window, o_proj))
+    return;
+#endif
+  // The separate steps (the CPU, and GPU steps the fused kernel does not take).
   Tensor keys = kv.keys, values = kv.values;  // the cache's storage
   rope_write_pair(q, keys, k, values, v, q_offset, theta);
   causal_attention_accumulate(x, q, kv, q_offset, window, o_proj);

@@ -745,10 +745,10 @@ TEST(CudaOps, GreedyArgmaxTakesTheFirstMaximumAndSkipsNaN) {
   for (int64_t n : {1, 33, 1024, 32064, 32768, 100003}) {
     const std::vector<float> base = random_tensor({n}, ++seed).to_vector();
     std::vector<std::vector<float>> rows = {base};
-    std::vector<float> tied = base;  // the maximum three times, the first in a later pass
+    std::vector<float> tied = base;  // the maximum three times, across passes at 100003
     for (int64_t i : {n - 1, n / 2, n / 3}) tied[size_t(i)] = 7.0f;
     rows.push_back(tied);
-    std::vector<float> with_nan = tied;  // NaN before and at the maxima's neighbours
+    std::vector<float> with_nan = tied;  // NaN first and at every 97th element
     for (int64_t i = 0; i < n; i += 97) with_nan[size_t(i)] = NAN;
     rows.push_back(with_nan);
     rows.push_back(std::vector<float>(size_t(n), NAN));

@@ -372,10 +372,8 @@ bool same_tensors(const std::vector<Tensor>& before, const std::vector<Tensor>& 
 }
 
 bool recording_enabled() {
-  static const bool on = [] {  // MOXIN_CUDA_RECORD=0: always run the work as it is
-    const char* v = std::getenv("MOXIN_CUDA_RECORD");
-    return !(v && v[0] == '0');
-  }();
+  // MOXIN_CUDA_RECORD=0: always run the work as it is
+  static const bool on = !switched_off("MOXIN_CUDA_RECORD");
   return on;
 }
 

@@ -38,6 +38,10 @@ namespace moxin::cuda {
 cudaStream_t stream();
 const cudaDeviceProp& properties();
 
+// Whether the diagnostic switch `name` (an environment variable) is set to 0: the backend's
+// optional paths (MOXIN_CUDA_PDL, MOXIN_CUDA_RECORD, ...) are on unless switched off this way.
+bool switched_off(const char* name);
+
 cublasLtHandle_t cublaslt();
 // Scratch for cuBLASLt, allocated once so that matmuls never allocate (and stay capturable).
 void* cublaslt_workspace(size_t* bytes);

@@ -12,6 +12,7 @@
 #include <map>
 #include <mutex>
 #include <algorithm>
+#include <sstream>
 #include <string>
 #include <type_traits>
 #include <tuple>
@@ -515,19 +516,14 @@ const std::map<TuneKey, int>& pinned_variants() {
     std::map<TuneKey, int> out;
     const char* v = std::getenv("MOXIN_CUDA_GEMV_VARIANTS");
     if (!v) return out;
-    std::string spec(v);
-    size_t at = 0;
-    while (at < spec.size()) {
-      const size_t next = std::min(spec.find(',', at), spec.size());
+    std::istringstream spec(v);
+    for (std::string item; std::getline(spec, item, ',');) {
       long long n = 0, k = 0;
       int kind = 0, variant = 0;
-      if (std::sscanf(spec.substr(at, next - at).c_str(), "%lld:%lld:%d=%d", &n, &k, &kind,
-                      &variant) == 4)
+      if (std::sscanf(item.c_str(), "%lld:%lld:%d=%d", &n, &k, &kind, &variant) == 4)
         out[TuneKey{n, k, kind}] = variant;
       else
-        std::fprintf(stderr, "moxin: MOXIN_CUDA_GEMV_VARIANTS: ignored '%s'\n",
-                     spec.substr(at, next - at).c_str());
-      at = next + 1;
+        std::fprintf(stderr, "moxin: MOXIN_CUDA_GEMV_VARIANTS: ignored '%s'\n", item.c_str());
     }
     return out;
   }();
@@ -1703,10 +1699,7 @@ bool bf16_products(const std::vector<const Linear*>& layers, int64_t M, int64_t 
 // products of one input then run as one strided-batched product (see move_side_by_side in
 // the model's device move). MOXIN_CUDA_BATCHED_PRODUCTS=0 runs them one by one.
 bool side_by_side(const Linear& a, const Linear& b) {
-  static const bool enabled = [] {
-    const char* v = std::getenv("MOXIN_CUDA_BATCHED_PRODUCTS");
-    return !(v && std::strcmp(v, "0") == 0);
-  }();
+  static const bool enabled = !switched_off("MOXIN_CUDA_BATCHED_PRODUCTS");
   return enabled && !a.quantized && !b.quantized && !a.bias.defined() && !b.bias.defined() &&
          a.weight.dtype() == DType::BF16 && b.weight.dtype() == DType::BF16 &&
          a.weight.device() == Device::CUDA && b.weight.device() == Device::CUDA &&

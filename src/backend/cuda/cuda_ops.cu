@@ -1166,20 +1166,14 @@ int* split_arrivals(int64_t rows) {
 }
 
 bool split_decode_attention() {
-  static const bool on = [] {
-    const char* v = std::getenv("MOXIN_CUDA_SPLIT_ATTENTION");
-    return !(v && v[0] == '0');
-  }();
+  static const bool on = !switched_off("MOXIN_CUDA_SPLIT_ATTENTION");
   return on;
 }
 
 // MOXIN_CUDA_FUSED_ROPE_ATTENTION=0: a decode step rotates and stores its new key in a launch
 // of its own before attention (the comparison baseline).
 bool fused_rope_attention() {
-  static const bool on = [] {
-    const char* v = std::getenv("MOXIN_CUDA_FUSED_ROPE_ATTENTION");
-    return !(v && v[0] == '0');
-  }();
+  static const bool on = !switched_off("MOXIN_CUDA_FUSED_ROPE_ATTENTION");
   return on;
 }
 
@@ -1582,9 +1576,9 @@ Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, i
   return out;
 }
 
-void rope_attention_accumulate(Tensor& x, Tensor& q, const Tensor& k, const Tensor& v,
-                               const CachedKV& kv, int64_t q_offset, float theta, int64_t window,
-                               const Linear& o_proj) {
+bool fused_rope_attention_accumulate(Tensor& x, Tensor& q, const Tensor& k, const Tensor& v,
+                                     const CachedKV& kv, int64_t q_offset, float theta,
+                                     int64_t window, const Linear& o_proj) {
   for (const Tensor* t : std::initializer_list<const Tensor*>{&q, &k, &v})
     require_f32_cuda(*t, "rope_attention_accumulate");
   if (q.ndim() != 4 || k.ndim() != 4 || v.shape() != k.shape() || q.dim(1) != 1 ||
@@ -1598,12 +1592,8 @@ void rope_attention_accumulate(Tensor& x, Tensor& q, const Tensor& k, const Tens
   if (!fused_rope_attention() || !split_decode_attention() ||
       !fused_decode_fits_one_wave(q.dim(0) * q.dim(2) *
                                   ((std::max(kv.keys.dim(2), kv.length) + kSplitKeys - 1) /
-                                   kSplitKeys))) {  // the separate launches
-    Tensor keys = kv.keys, values = kv.values;
-    rope_write_pair(q, keys, k, values, v, q_offset, theta);
-    causal_attention_accumulate(x, q, kv, q_offset, window, o_proj);
-    return;
-  }
+                                   kSplitKeys)))
+    return false;
   Tensor attn;
   AttnArgs a = cached_attention_args(q, kv, window, attn);
   check_queries_end_history(q, kv, q_offset);
@@ -1614,6 +1604,7 @@ void rope_attention_accumulate(Tensor& x, Tensor& q, const Tensor& k, const Tens
                         values.data_mut<float>(), inv_freq_table(q.dim(3), theta)};
   launch_attention(a, q.dim(0), kv.keys.dim(2), &rope);
   linear_accumulate(x, attn, o_proj);
+  return true;
 }
 
 void causal_attention_accumulate(Tensor& x, const Tensor& q, const CachedKV& kv,

@@ -39,9 +39,12 @@ Tensor embedding(const Tensor& ids, const Tensor& table);
 Tensor self_attention_qkv(const Tensor& qkv, int64_t heads);
 Tensor self_attention_linear(const Tensor& qkv, int64_t heads, const Linear& proj);
 Tensor causal_attention(const Tensor& q, const CachedKV& kv, int64_t q_offset, int64_t window);
-void rope_attention_accumulate(Tensor& x, Tensor& q, const Tensor& k, const Tensor& v,
-                               const CachedKV& kv, int64_t q_offset, float theta, int64_t window,
-                               const Linear& o_proj);
+// ops::rope_attention_accumulate in one attention launch (RoPE and the KV store inside it),
+// then o_proj; false, with nothing done, where that launch does not apply (switched off, or a
+// grid over one wave), for the caller to take the separate ops.
+bool fused_rope_attention_accumulate(Tensor& x, Tensor& q, const Tensor& k, const Tensor& v,
+                                     const CachedKV& kv, int64_t q_offset, float theta,
+                                     int64_t window, const Linear& o_proj);
 void causal_attention_accumulate(Tensor& x, const Tensor& q, const CachedKV& kv,
                                  int64_t q_offset, int64_t window, const Linear& o_proj);
 void rope_inplace(Tensor& x, int64_t offset, float theta);

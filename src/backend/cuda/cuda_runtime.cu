@@ -135,11 +135,12 @@ std::string describe() {
 
 cudaStream_t stream() { return g_current_stream ? g_current_stream : runtime().stream_; }
 const cudaDeviceProp& properties() { return runtime().props_; }
+bool switched_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v && v[0] == '0';
+}
 bool pdl_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("MOXIN_CUDA_PDL");
-    return properties().major >= 9 && !(v && v[0] == '0');
-  }();
+  static const bool enabled = properties().major >= 9 && !switched_off("MOXIN_CUDA_PDL");
   return enabled;
 }
 namespace {
@@ -210,10 +211,7 @@ void synchronize() { MOXIN_CUDA_CHECK(cudaStreamSynchronize(stream())); }
 
 void run_concurrently(const std::function<void()>& first, const std::function<void()>& second) {
   // MOXIN_CUDA_SIDE_STREAM=0 runs them in turn (the baseline of the bench notes).
-  static const bool enabled = [] {
-    const char* v = std::getenv("MOXIN_CUDA_SIDE_STREAM");
-    return !(v && v[0] == '0');
-  }();
+  static const bool enabled = !switched_off("MOXIN_CUDA_SIDE_STREAM");
   if (!enabled || g_current_stream || capturing()) {  // nested, or in a graph recording: in turn
     first();
     second();
