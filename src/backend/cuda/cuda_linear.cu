@@ -1219,10 +1219,19 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   float acc[RT];
 #pragma unroll
   for (int i = 0; i < RT; ++i) acc[i] = 0.0f;
+  float residual_ahead = 0.0f;  // lane i < R: the residual of row i of the tile being computed
   for (int64_t s = 0; s < steps; ++s) {
     copy_async_wait<kStages - 2>();  // step s has landed
     // The slot step s - 1 used is free again (its values were consumed last iteration).
     issue(s + kStages - 1);
+    if (!kGated && computed.round == 0) {
+      // Loaded at the tile's first step: at its end the load would add an L2 round trip to
+      // the kernel's tail (the last tile of every warp ends there).
+      const Tile tl = tile_of(computed.tile);
+      const GemvSegment& sg = segs.seg[tl.si];
+      const int64_t n = tl.n0 + lane;
+      residual_ahead = lane < R && sg.residual && n < sg.N ? sg.residual[n] : 0.0f;
+    }
     const int round = computed.round * 32 * kUnroll;
     const bool tile_done = computed.round == rounds - 1;
     const int64_t tile = computed.tile;
@@ -1266,7 +1275,7 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
         if constexpr (kGated) {
           s0.y[n] = silu_times(a, acc[R + i] * scale + (s1.bias ? s1.bias[n] : 0.0f));
         } else {
-          s0.y[n] = a + (s0.residual ? s0.residual[n] : 0.0f);
+          s0.y[n] = a + residual_ahead;
         }
       }
 #pragma unroll
