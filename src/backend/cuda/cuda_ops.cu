@@ -906,10 +906,10 @@ void launch_mma_attention(const AttnArgs& a, int64_t B) {
 // (programmatic dependent launch), so their latency overlaps its tail.
 //
 // kRope (split only): q and the new key arrive as projected. The kernel rotates them (the angles
-// of rope_append_kernel), takes the new key and value from registers, and one block per KV head
-// stores them in the cache at the new position: the decode step's RoPE + KV append launch is
-// gone (for grids of one wave: fused_decode_fits_one_wave). No block of this launch reads that
-// position from the cache.
+// of rope_append_kernel), stages the new key and value in shared memory, and one block per KV
+// head stores them in the cache at the new position: the decode step's RoPE + KV append launch
+// is gone (for grids of one wave: fused_decode_fits_one_wave). No block of this launch reads
+// that position from the cache.
 constexpr int kDecodeWarps = 8;
 constexpr int kDecodeKeys = 8;  // keys per warp and step
 constexpr int kSplitKeys = kDecodeWarps * kDecodeKeys;
