@@ -910,14 +910,27 @@ constexpr int kFixedMaxStages = 8;
 constexpr int kFixedMaxSlots = 4;   // kUnroll * rows per warp, the most any variant uses
 
 // Shared memory in 16-byte words: per chunk {dx, sum x} and the fixed-point activations; then
-// per warp a staging ring of `stages` steps, each `slots` chunks and their parameter words
-// (8 bytes) per lane.
+// per warp a staging ring of `stages` steps, each `slots` chunks of codes per lane, then the
+// scales and the biases of each of the step's rows.
 __host__ __device__ inline int64_t fixed_activation_words(int64_t K, int bits) {
   return (K * bits / 128 * 8 + 15) / 16 + K * 2 / 16;
 }
-size_t fixed_smem_bytes(int64_t K, int bits, int slots, int stages = kFixedStages) {
-  const int64_t ring = int64_t(kFixedWarps) * stages * slots * 32 * 3 / 2;
-  return size_t(fixed_activation_words(K, bits) + ring) * 16;
+// Bytes of one row's scales (or biases) for one step: the groups of its 32 x unroll chunks
+// (steps start on group bounds), copied from the 16-byte word holding the first one.
+__host__ __device__ inline int fixed_param_row_bytes(int bits, int unroll, int group_size,
+                                                     int param_bytes) {
+  const int groups = 32 * unroll * (128 / bits) / group_size;
+  return (groups * param_bytes + 30) / 16 * 16;
+}
+// One step of one warp's ring: `rows` rows of `unroll` chunks per lane.
+__host__ __device__ inline int fixed_stage_bytes(int bits, int rows, int unroll, int group_size,
+                                                 int param_bytes) {
+  return rows * unroll * 32 * 16 + rows * 2 * fixed_param_row_bytes(bits, unroll, group_size,
+                                                                    param_bytes);
+}
+size_t fixed_smem_bytes(int64_t K, int bits, int stage_bytes, int stages) {
+  return size_t(fixed_activation_words(K, bits)) * 16 +
+         size_t(kFixedWarps) * size_t(stages) * size_t(stage_bytes);
 }
 
 // Whether `bytes` of dynamic shared memory fit one fixed-point block (1 KB: the kernel's
@@ -927,14 +940,19 @@ bool fixed_smem_fits(size_t bytes) {
 }
 
 // Whether the fixed-point kernel takes this product: 4/8-bit, MLX group sizes, an even number
-// of groups per row (so the 4-byte word holding any 16-bit parameter stays inside the tensor),
-// parameters 4-byte aligned, and everything in one block's shared memory.
-bool fixed_point_fits(int bits, int group_size, int64_t K, const void* scales, const void* biases) {
-  return (bits == 4 || bits == 8) && (group_size == 32 || group_size == 64 || group_size == 128) &&
-         K % group_size == 0 && (K / group_size) % 2 == 0 &&
-         reinterpret_cast<uintptr_t>(scales) % 4 == 0 &&
-         reinterpret_cast<uintptr_t>(biases) % 4 == 0 &&
-         fixed_smem_fits(fixed_smem_bytes(K, bits, kFixedMaxSlots));
+// of groups per row (the shapes its GPU tests cover), parameter tensors 16-byte aligned (they
+// travel in 16-byte copies), and every variant's shallowest ring in one block's shared memory.
+bool fixed_point_fits(int bits, int group_size, int64_t K, DType param_dtype, const void* scales,
+                      const void* biases) {
+  if (!(bits == 4 || bits == 8) || !(group_size == 32 || group_size == 64 || group_size == 128) ||
+      K % group_size != 0 || (K / group_size) % 2 != 0 ||
+      reinterpret_cast<uintptr_t>(scales) % 16 != 0 || reinterpret_cast<uintptr_t>(biases) % 16 != 0)
+    return false;
+  const int param_bytes = param_dtype == DType::F32 ? 4 : 2;
+  int widest = 0;  // {rows per warp and step, unroll} of every variant, gated or not
+  for (const auto& [rows, unroll] : {std::pair{2, 2}, {1, 4}, {4, 1}, {1, 2}, {2, 1}})
+    widest = std::max(widest, fixed_stage_bytes(bits, rows, unroll, group_size, param_bytes));
+  return fixed_smem_fits(fixed_smem_bytes(K, bits, widest, kFixedStages));
 }
 
 // acc + the dot of four signed (hi) or unsigned (lo) activation bytes with four code bytes.
@@ -1077,19 +1095,17 @@ __device__ __forceinline__ int chunk_dot_fixed(const uint4& raw, const FixedWord
   return high * 256 + low;
 }
 
-// A scale or bias from the aligned 4-byte word holding it (cp.async copies 4 bytes at least):
-// 16-bit types sit in the low or high half by the parity of their index.
-__device__ __forceinline__ float param_from_word(uint32_t word, DType dtype, int index) {
-  if (dtype == DType::F32) return __uint_as_float(word);
-  const uint32_t bits = (index & 1) ? word >> 16 : word & 0xffffu;
-  if (dtype == DType::BF16) return __uint_as_float(bits << 16);
+// A scale or bias staged in shared memory, of the tensor's type.
+__device__ __forceinline__ float param_at(const char* p, DType dtype) {
+  if (dtype == DType::F32) return *reinterpret_cast<const float*>(p);
+  const uint16_t bits = *reinterpret_cast<const uint16_t*>(p);
+  if (dtype == DType::BF16) return __uint_as_float(uint32_t(bits) << 16);
   __half h;
-  const uint16_t b16 = uint16_t(bits);
-  memcpy(&h, &b16, 2);
+  memcpy(&h, &bits, 2);
   return __half2float(h);
 }
-__device__ __forceinline__ float bf16_from_word(uint32_t word, int index) {
-  return __uint_as_float((index & 1) ? word & 0xffff0000u : word << 16);
+__device__ __forceinline__ float bf16_at(const char* p) {
+  return __uint_as_float(uint32_t(*reinterpret_cast<const uint16_t*>(p)) << 16);
 }
 
 // kBf16Params: scales and biases are bf16 (MLX's usual choice), read without a type switch;
@@ -1106,11 +1122,17 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   float2* chunk_params = reinterpret_cast<float2*>(fixed_smem);
   auto* xq = reinterpret_cast<FixedWord<kBits>*>(fixed_smem + (chunks * sizeof(float2) + 15) / 16);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  // This warp's staging ring: kStages steps of kSlots code chunks and their parameter
-  // words per lane, each lane reading back only what it copied itself.
-  uint4* ring_codes = fixed_smem + fixed_activation_words(K, kBits) +
-                      size_t(warp) * kStages * kSlots * 32 * 3 / 2;
-  uint32_t* ring_params = reinterpret_cast<uint32_t*>(ring_codes + kStages * kSlots * 32);
+  const int param_shift = segs.param_dtype == DType::F32 ? 2 : 1;  // log2 bytes per parameter
+  // This warp's staging ring: kStages steps, each kSlots code chunks per lane (each lane reads
+  // back only what it copied itself), then per row the scales and the biases of the step's
+  // groups (copied 16 bytes at a time by a few lanes, read by all: one copy per 16 bytes of
+  // parameters instead of two 4-byte copies per chunk, which made up most of the copies a
+  // block issues before it can start).
+  const int param_row_bytes =
+      fixed_param_row_bytes(kBits, kUnroll, segs.group_size, 1 << param_shift);
+  const int stage_bytes = kSlots * 32 * 16 + RT * 2 * param_row_bytes;
+  char* ring = reinterpret_cast<char*>(fixed_smem + fixed_activation_words(K, kBits)) +
+               size_t(warp) * kStages * stage_bytes;
   const int64_t tile_stride = int64_t(gridDim.x) * kFixedWarps;
   const int first = int(blockIdx.x) * kFixedWarps + warp;
   const int rounds = (chunks + 32 * kUnroll - 1) / (32 * kUnroll);
@@ -1150,18 +1172,20 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
     r.n0 = (t - segs.seg[r.si].first_block) * R;
     return r;
   };
-  const int param_shift = segs.param_dtype == DType::F32 ? 2 : 1;  // log2 bytes per parameter
   // The rows of the tile being issued: their codes, and the byte offset of their first
-  // parameter (a multiple of 4, as rows hold an even number of groups), set at its first round.
+  // parameter, set at its first round.
   const uint4* tile_codes[RT];
   int64_t tile_params[RT];
   int tile_segment = 0;
+  // The first group of the step whose chunks start at `round`.
+  auto first_group = [&](int round) { return (round * kPerChunk) >> group_shift; };
   // Issues the copies of step s (at cursor `issued`, which it advances).
   auto issue = [&](int64_t s) {
     if (s < steps) {
       const int round = issued.round * 32 * kUnroll;
-      uint4* codes = ring_codes + issued.stage * kSlots * 32;
-      uint32_t* params = ring_params + issued.stage * kSlots * 32 * 2;
+      char* stage = ring + issued.stage * stage_bytes;
+      uint4* codes = reinterpret_cast<uint4*>(stage);
+      char* params = stage + kSlots * 32 * 16;
       if (issued.round == 0) {
         const Tile tl = tile_of(issued.tile);
         tile_segment = tl.si;
@@ -1175,6 +1199,9 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
         }
       }
       advance(issued);
+      const int last = min(round + 32 * kUnroll, chunks);
+      const int64_t begin = int64_t(first_group(round)) << param_shift;
+      const int64_t end = int64_t(((last * kPerChunk - 1) >> group_shift) + 1) << param_shift;
 #pragma unroll
       for (int i = 0; i < RT; ++i) {
         const GemvSegment& sg = (kGated && i >= R) ? segs.seg[1] : segs.seg[tile_segment];
@@ -1182,12 +1209,17 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
         for (int u = 0; u < kUnroll; ++u) {
           const int c = round + 32 * u + lane;
           if (c >= chunks) continue;
-          const int slot = (u * RT + i) * 32 + lane;
-          copy_async16(codes + slot, tile_codes[i] + c);
-          const int64_t word =
-              tile_params[i] + ((((c * kPerChunk) >> group_shift) << param_shift) & ~3);
-          copy_async4(params + 2 * slot, static_cast<const char*>(sg.scales) + word);
-          copy_async4(params + 2 * slot + 1, static_cast<const char*>(sg.biases) + word);
+          copy_async16(codes + (u * RT + i) * 32 + lane, tile_codes[i] + c);
+        }
+        // The 16-byte words holding the step's parameters: the tensors start 16-byte aligned
+        // in allocations of whole 256-byte granules, so the last word stays inside them.
+        const int64_t word0 = (tile_params[i] + begin) & ~int64_t(15);
+        const int words = int((tile_params[i] + end - word0 + 15) >> 4);
+        for (int j = lane; j < words; j += 32) {
+          copy_async16(params + i * 2 * param_row_bytes + 16 * j,
+                       static_cast<const char*>(sg.scales) + word0 + 16 * j);
+          copy_async16(params + (i * 2 + 1) * param_row_bytes + 16 * j,
+                       static_cast<const char*>(sg.biases) + word0 + 16 * j);
         }
       }
     }
@@ -1219,24 +1251,37 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   float acc[RT];
 #pragma unroll
   for (int i = 0; i < RT; ++i) acc[i] = 0.0f;
-  float residual_ahead = 0.0f;  // lane i < R: the residual of row i of the tile being computed
+  // The tile being computed (from its first step): its rows, where each row's parameters sit
+  // within their 16-byte words, and (lane i < R) the residual of row i, loaded at the tile's
+  // first step (at its end the load would add an L2 round trip to the kernel's tail, where
+  // every warp's last tile ends).
+  Tile tile{};
+  int row_phase[RT];
+  float residual_ahead = 0.0f;
   for (int64_t s = 0; s < steps; ++s) {
-    copy_async_wait<kStages - 2>();  // step s has landed
-    // The slot step s - 1 used is free again (its values were consumed last iteration).
+    copy_async_wait<kStages - 2>();  // this lane's copies of step s have landed
+    __syncwarp();  // and every lane's (the parameters are shared), and step s - 1 is consumed
+    // The slot step s - 1 used is free again.
     issue(s + kStages - 1);
-    if (!kGated && computed.round == 0) {
-      // Loaded at the tile's first step: at its end the load would add an L2 round trip to
-      // the kernel's tail (the last tile of every warp ends there).
-      const Tile tl = tile_of(computed.tile);
-      const GemvSegment& sg = segs.seg[tl.si];
-      const int64_t n = tl.n0 + lane;
-      residual_ahead = lane < R && sg.residual && n < sg.N ? sg.residual[n] : 0.0f;
+    if (computed.round == 0) {
+      tile = tile_of(computed.tile);
+      const GemvSegment& s0 = segs.seg[tile.si];
+#pragma unroll
+      for (int i = 0; i < RT; ++i) {
+        const int64_t n = tile.n0 + i % R < s0.N ? tile.n0 + i % R : s0.N - 1;  // as issued
+        row_phase[i] = int((n * groups) << param_shift) & 15;
+      }
+      if (!kGated) {
+        const int64_t n = tile.n0 + lane;
+        residual_ahead = lane < R && s0.residual && n < s0.N ? s0.residual[n] : 0.0f;
+      }
     }
     const int round = computed.round * 32 * kUnroll;
     const bool tile_done = computed.round == rounds - 1;
-    const int64_t tile = computed.tile;
-    const uint4* codes = ring_codes + computed.stage * kSlots * 32;
-    const uint32_t* params = ring_params + computed.stage * kSlots * 32 * 2;
+    const char* stage = ring + computed.stage * stage_bytes;
+    const uint4* codes = reinterpret_cast<const uint4*>(stage);
+    const char* params = stage + kSlots * 32 * 16;
+    const int group0 = first_group(round);
     advance(computed);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -1246,30 +1291,27 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
 #pragma unroll
       for (int j = 0; j < 4; ++j) xw[j] = xq[j * chunks + c];
       const float2 cp = chunk_params[c];
-      // Rows hold an even number of groups, so a parameter's half of its word follows the
-      // group's parity alone.
-      const int group = (c * kPerChunk) >> group_shift;
+      const int in_step = (((c * kPerChunk) >> group_shift) - group0) << param_shift;
 #pragma unroll
       for (int i = 0; i < RT; ++i) {
-        const int slot = (u * RT + i) * 32 + lane;
-        const float sc = kBf16Params ? bf16_from_word(params[2 * slot], group)
-                                     : param_from_word(params[2 * slot], segs.param_dtype, group);
-        const float bi = kBf16Params
-                             ? bf16_from_word(params[2 * slot + 1], group)
-                             : param_from_word(params[2 * slot + 1], segs.param_dtype, group);
-        acc[i] += sc * cp.x * float(chunk_dot_fixed<kBits>(codes[slot], xw)) + bi * cp.y;
+        const char* p = params + i * 2 * param_row_bytes +
+                        ((row_phase[i] + (group0 << param_shift)) & 15) + in_step;
+        const float sc = kBf16Params ? bf16_at(p) : param_at(p, segs.param_dtype);
+        const float bi = kBf16Params ? bf16_at(p + param_row_bytes)
+                                     : param_at(p + param_row_bytes, segs.param_dtype);
+        acc[i] += sc * cp.x * float(chunk_dot_fixed<kBits>(codes[(u * RT + i) * 32 + lane], xw)) +
+                  bi * cp.y;
       }
     }
     if (tile_done) {
 #pragma unroll
       for (int i = 0; i < RT; ++i)
         for (int o = 16; o > 0; o >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
-      const Tile tl = tile_of(tile);
-      const GemvSegment& s0 = segs.seg[tl.si];
-      const GemvSegment& s1 = segs.seg[kGated ? 1 : tl.si];
+      const GemvSegment& s0 = segs.seg[tile.si];
+      const GemvSegment& s1 = segs.seg[kGated ? 1 : tile.si];
 #pragma unroll
       for (int i = 0; i < R; ++i) {
-        const int64_t n = tl.n0 + i;
+        const int64_t n = tile.n0 + i;
         if (lane != i || n >= s0.N) continue;
         const float a = acc[i] * scale + (s0.bias ? s0.bias[n] : 0.0f);
         if constexpr (kGated) {
@@ -1370,7 +1412,10 @@ void launch_fixed_kernel(const float* x, const GemvSegments& s, int64_t K, const
   constexpr int kSlots = kUnroll * (kGated ? 2 * R : R);
   static_assert(kSlots <= kFixedMaxSlots, "staging ring sized for kFixedMaxSlots");
   auto* kernel = gemv_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, kStages>;
-  const size_t smem = fixed_smem_bytes(K, kBits, kSlots, kStages);
+  const int param_bytes = s.param_dtype == DType::F32 ? 4 : 2;
+  const size_t smem = fixed_smem_bytes(
+      K, kBits, fixed_stage_bytes(kBits, kGated ? 2 * R : R, kUnroll, s.group_size, param_bytes),
+      kStages);
   // Dynamic shared memory beyond 48 KB must be opted into, up to the card's limit less the
   // kernel's static shared memory.
   static const int max_smem = [&] {
@@ -1405,9 +1450,11 @@ int fixed_ring_stages_limit() {
 template <int kBits, int R, int kUnroll, bool kGated, bool kBf16Params>
 void launch_fixed_depth(const float* x, const GemvSegments& s, int64_t K, const RMSNorm* norm) {
   constexpr int kSlots = kUnroll * (kGated ? 2 * R : R);
+  const int stage_bytes = fixed_stage_bytes(kBits, kGated ? 2 * R : R, kUnroll, s.group_size,
+                                            s.param_dtype == DType::F32 ? 4 : 2);
   auto fits = [&](int stages) {
     return stages <= fixed_ring_stages_limit() &&
-           fixed_smem_fits(fixed_smem_bytes(K, kBits, kSlots, stages));
+           fixed_smem_fits(fixed_smem_bytes(K, kBits, stage_bytes, stages));
   };
   auto launch = [&](auto stages) {
     launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, decltype(stages)::value>(x, s, K,
@@ -1510,7 +1557,8 @@ QuantPath quant_path() {
 
 bool use_fixed_point(const QuantizedTensor& q) {
   return quant_path() != QuantPath::Float &&
-         fixed_point_fits(q.bits, q.group_size, q.in_features(), q.scales.raw(), q.biases.raw());
+         fixed_point_fits(q.bits, q.group_size, q.in_features(), q.scales.dtype(), q.scales.raw(),
+                          q.biases.raw());
 }
 bool use_fixed_point(const std::vector<const Linear*>& layers) {
   for (const Linear* l : layers)
