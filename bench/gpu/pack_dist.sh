@@ -16,5 +16,7 @@ cp "$(ldconfig -p | awk '/libsentencepiece.so.0 /{print $NF; exit}')" "$build/di
 # A baseline binary for same-call comparisons (device_run.sh decode_ab, AB_BIN), when given.
 [[ -n ${BASE_BIN:-} ]] && cp "$BASE_BIN" "$build/dist/moxin-vlm-base" && strip "$build/dist/moxin-vlm-base"
 strip "$build/dist/moxin-vlm" "${tests[@]/#/$build/dist/}"
-tar -C "$build/dist" -cJf "$build/dist.tar.xz" .
+# xz's largest window finds the binaries' shared library code once: 21-24 MB instead of 41 MB
+# with a baseline binary and the three CUDA tests (about 1.5 minutes of CPU).
+XZ_OPT="${XZ_OPT:--9e -T2}" tar -C "$build/dist" -cJf "$build/dist.tar.xz" .
 ls -la "$build/dist.tar.xz"
