@@ -94,12 +94,6 @@ __device__ __forceinline__ void copy_async16(void* smem, const void* global) {
                "l"(global)
                : "memory");
 }
-__device__ __forceinline__ void copy_async4(void* smem, const void* global) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(
-                   uint32_t(__cvta_generic_to_shared(smem))),
-               "l"(global)
-               : "memory");
-}
 __device__ __forceinline__ void copy_async_commit() {
   asm volatile("cp.async.commit_group;" ::: "memory");
 }

@@ -907,7 +907,6 @@ constexpr int kFixedStages = 3;  // steps per warp in flight or being computed, 
 // Deeper rings where shared memory allows: 4 steps for every variant, 6 or 8 for those of two
 // chunks per lane and step (their steps are half as large).
 constexpr int kFixedMaxStages = 8;
-constexpr int kFixedMaxSlots = 4;   // kUnroll * rows per warp, the most any variant uses
 
 // Shared memory in 16-byte words: per chunk {dx, sum x} and the fixed-point activations; then
 // per warp a staging ring of `stages` steps, each `slots` chunks of codes per lane, then the
@@ -949,7 +948,7 @@ bool fixed_point_fits(int bits, int group_size, int64_t K, DType param_dtype, co
       reinterpret_cast<uintptr_t>(scales) % 16 != 0 || reinterpret_cast<uintptr_t>(biases) % 16 != 0)
     return false;
   const int param_bytes = param_dtype == DType::F32 ? 4 : 2;
-  int widest = 0;  // {rows per warp and step, unroll} of every variant, gated or not
+  int widest = 0;  // {rows per step, unroll} of launch_fixed_variant's shapes, gated or not
   for (const auto& [rows, unroll] : {std::pair{2, 2}, {1, 4}, {4, 1}, {1, 2}, {2, 1}})
     widest = std::max(widest, fixed_stage_bytes(bits, rows, unroll, group_size, param_bytes));
   return fixed_smem_fits(fixed_smem_bytes(K, bits, widest, kFixedStages));
@@ -1405,17 +1404,14 @@ void launch_multi_tuned(const float* x, const std::vector<const Linear*>& layers
   run(tuned_variant(TuneKey{total, K, 1000 * (kGated ? 2 : 1) + kBits}, 3, run));
 }
 
+// stage_bytes: one step of one warp's ring (fixed_stage_bytes), as the kernel lays it out.
 template <int kBits, int R, int kUnroll, bool kGated, bool kBf16Params, int kStages>
-void launch_fixed_kernel(const float* x, const GemvSegments& s, int64_t K, const RMSNorm* norm) {
+void launch_fixed_kernel(const float* x, const GemvSegments& s, int64_t K, const RMSNorm* norm,
+                         int stage_bytes) {
   // Blocks beyond what the SMs hold at once would only repeat the activation conversion: the
   // resident blocks loop over the tiles instead.
-  constexpr int kSlots = kUnroll * (kGated ? 2 * R : R);
-  static_assert(kSlots <= kFixedMaxSlots, "staging ring sized for kFixedMaxSlots");
   auto* kernel = gemv_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, kStages>;
-  const int param_bytes = s.param_dtype == DType::F32 ? 4 : 2;
-  const size_t smem = fixed_smem_bytes(
-      K, kBits, fixed_stage_bytes(kBits, kGated ? 2 * R : R, kUnroll, s.group_size, param_bytes),
-      kStages);
+  const size_t smem = fixed_smem_bytes(K, kBits, stage_bytes, kStages);
   // Dynamic shared memory beyond 48 KB must be opted into, up to the card's limit less the
   // kernel's static shared memory.
   static const int max_smem = [&] {
@@ -1457,8 +1453,8 @@ void launch_fixed_depth(const float* x, const GemvSegments& s, int64_t K, const 
            fixed_smem_fits(fixed_smem_bytes(K, kBits, stage_bytes, stages));
   };
   auto launch = [&](auto stages) {
-    launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, decltype(stages)::value>(x, s, K,
-                                                                                       norm);
+    launch_fixed_kernel<kBits, R, kUnroll, kGated, kBf16Params, decltype(stages)::value>(
+        x, s, K, norm, stage_bytes);
   };
   if constexpr (kSlots <= 2) {
     if (fits(8)) return launch(std::integral_constant<int, 8>{});
