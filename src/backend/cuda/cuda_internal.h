@@ -102,69 +102,6 @@ __device__ __forceinline__ void copy_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
-// Bulk copies (Hopper's tensor memory accelerator, one-dimensional form): one instruction moves
-// a contiguous run of 16-byte words from global to shared memory, issued by one thread and
-// carried out by the copy engine, so it takes no slot of the load/store pipeline per 16 bytes
-// as cp.async does. Completion is counted in bytes on an mbarrier in shared memory: the waiting
-// side announces the bytes it expects (mbarrier_expect_bytes) and waits for the barrier's phase
-// to flip (mbarrier_wait). Addresses and sizes must be multiples of 16. On older GPUs these
-// are never called (the kernels that use them keep a cp.async path there).
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return uint32_t(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbarrier_init(uint64_t* barrier, int arrivals) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(barrier)),
-               "r"(arrivals)
-               : "memory");
-#endif
-}
-// Makes initialized barriers visible to the copy engine, before any bulk copy names them.
-__device__ __forceinline__ void mbarrier_init_fence() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-#endif
-}
-// One arrival that also expects `bytes` more to land before the phase completes.
-__device__ __forceinline__ void mbarrier_expect_bytes(uint64_t* barrier, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(
-                   shared_address(barrier)),
-               "r"(bytes)
-               : "memory");
-#endif
-}
-// Waits until the barrier's phase of parity `phase` has completed.
-__device__ __forceinline__ void mbarrier_wait(uint64_t* barrier, uint32_t phase) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        " selp.u32 %0, 1, 0, p;\n}"
-        : "=r"(done)
-        : "r"(shared_address(barrier)), "r"(phase)
-        : "memory");
-  } while (!done);
-#endif
-}
-// Asks the copy engine to bring `bytes` at `global` into L2, nothing else waiting on it.
-__device__ __forceinline__ void prefetch_l2_bulk(const void* global, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(global), "r"(bytes) : "memory");
-#endif
-}
-__device__ __forceinline__ void bulk_copy(void* smem, const void* global, uint32_t bytes,
-                                          uint64_t* barrier) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
-          "r"(shared_address(smem)),
-      "l"(global), "r"(bytes), "r"(shared_address(barrier))
-      : "memory");
-#endif
-}
-
 template <class... KernelArgs, class... Args>
 void launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
                 Args&&... args) {

@@ -510,13 +510,16 @@ std::atomic<int> forced_variant{-1};
 
 // MOXIN_CUDA_GEMV_VARIANTS="N:K:kind=v,...": the variant of those shapes, untimed (keys as the
 // tune log prints them), to compare variants inside a decode step: the tuner times each
-// product alone, back to back, where the smaller ones' weights stay in L2.
+// product alone, back to back, where the smaller ones' weights stay in L2. Items may also be
+// separated by ';' (for scripts that split their own lists on commas).
 const std::map<TuneKey, int>& pinned_variants() {
   static const std::map<TuneKey, int> pinned = [] {
     std::map<TuneKey, int> out;
     const char* v = std::getenv("MOXIN_CUDA_GEMV_VARIANTS");
     if (!v) return out;
-    std::istringstream spec(v);
+    std::string items = v;
+    std::replace(items.begin(), items.end(), ';', ',');
+    std::istringstream spec(items);
     for (std::string item; std::getline(spec, item, ',');) {
       long long n = 0, k = 0;
       int kind = 0, variant = 0;
@@ -896,15 +899,12 @@ __global__ void __launch_bounds__(kGemvThreads)
 // lanes of a warp, which read consecutive chunks, never hit the same bank; then a staging ring
 // per warp. After the conversion each warp takes R rows at a time (R gate and R up rows when
 // gated), its lanes striding over the rows' chunks, kUnroll chunks per row and step. Codes and
-// their scales and biases travel asynchronously into the warp's ring, kStages - 1 steps ahead
+// their scale/bias words travel by cp.async into the warp's ring, kStages - 1 steps ahead
 // of the one being computed: the loads in flight hold no registers, so they neither limit
 // occupancy nor wait for a register copy (Nsight Compute on the register-pipelined version:
 // 16 warps per SM stalled on L1TEX, 20-31% of DRAM bandwidth). The bytes in flight per SM set
 // the pace (half the ring measured 20% slower: bench/GPU_NOTES.md), so products whose
-// activations leave room take deeper rings. On Hopper a step is a few bulk copies (one per row
-// of codes, one per row of scales and of biases), each completing on the ring slot's mbarrier:
-// with a cp.async per 16 bytes, a block spent 1.8-4.6 us issuing its ring's first steps, on
-// the critical path of every product. Ampere keeps the cp.async copies.
+// activations leave room take deeper rings.
 constexpr int kFixedWarps = 16;
 constexpr int kFixedStages = 3;  // steps per warp in flight or being computed, at least
 // Deeper rings where shared memory allows: 4 steps for every variant, 6 or 8 for those of two
@@ -912,8 +912,8 @@ constexpr int kFixedStages = 3;  // steps per warp in flight or being computed, 
 constexpr int kFixedMaxStages = 8;
 
 // Shared memory in 16-byte words: per chunk {dx, sum x} and the fixed-point activations; then
-// per warp a staging ring of `stages` steps, each the step's chunks of codes of every row (row
-// by row, as in global memory), then the scales and the biases of each of the step's rows.
+// per warp a staging ring of `stages` steps, each `slots` chunks of codes per lane, then the
+// scales and the biases of each of the step's rows.
 __host__ __device__ inline int64_t fixed_activation_words(int64_t K, int bits) {
   return (K * bits / 128 * 8 + 15) / 16 + K * 2 / 16;
 }
@@ -935,10 +935,10 @@ size_t fixed_smem_bytes(int64_t K, int bits, int stage_bytes, int stages) {
          size_t(kFixedWarps) * size_t(stages) * size_t(stage_bytes);
 }
 
-// Whether `bytes` of dynamic shared memory fit one fixed-point block (2 KB: the kernel's
-// static share, its warps' sums and ring barriers).
+// Whether `bytes` of dynamic shared memory fit one fixed-point block (1 KB: the kernel's
+// static share).
 bool fixed_smem_fits(size_t bytes) {
-  return bytes + 2048 <= size_t(properties().sharedMemPerBlockOptin);
+  return bytes + 1024 <= size_t(properties().sharedMemPerBlockOptin);
 }
 
 // Whether the fixed-point kernel takes this product: 4/8-bit, MLX group sizes, an even number
@@ -952,7 +952,7 @@ bool fixed_point_fits(int bits, int group_size, int64_t K, DType param_dtype, co
     return false;
   const int param_bytes = param_dtype == DType::F32 ? 4 : 2;
   int widest = 0;  // {rows per step, unroll} of launch_fixed_variant's shapes, gated or not
-  for (const auto& [rows, unroll] : {std::pair{2, 2}, {1, 4}, {4, 1}, {1, 2}, {2, 1}})
+  for (const auto& [rows, unroll] : {std::pair{2, 2}, {1, 4}, {4, 1}, {1, 2}, {3, 2}, {2, 1}})
     widest = std::max(widest, fixed_stage_bytes(bits, rows, unroll, group_size, param_bytes));
   return fixed_smem_fits(fixed_smem_bytes(K, bits, widest, kFixedStages));
 }
@@ -1119,22 +1119,17 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   constexpr int RT = kGated ? 2 * R : R;
   constexpr int kPerChunk = 128 / kBits;
   constexpr int kSlots = kUnroll * RT;  // 16-byte chunks per lane and step
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr bool kBulk = true;
-#else
-  constexpr bool kBulk = false;
-#endif
   extern __shared__ uint4 fixed_smem[];
   const int chunks = int(K / kPerChunk), groups = int(K / segs.group_size);
   float2* chunk_params = reinterpret_cast<float2*>(fixed_smem);
   auto* xq = reinterpret_cast<FixedWord<kBits>*>(fixed_smem + (chunks * sizeof(float2) + 15) / 16);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int param_shift = segs.param_dtype == DType::F32 ? 2 : 1;  // log2 bytes per parameter
-  // This warp's staging ring: kStages steps, each the step's 32 x kUnroll code chunks of every
-  // row, then per row the scales and the biases of the step's groups (read by all lanes: copied
-  // as whole runs, not as two 4-byte words per chunk, which made up most of the copies a block
-  // issued before it could start). Bulk copies complete on the slot's barrier; on Ampere each
-  // lane copies the chunks it computes, a few lanes the parameters.
+  // This warp's staging ring: kStages steps, each kSlots code chunks per lane (each lane reads
+  // back only what it copied itself), then per row the scales and the biases of the step's
+  // groups (copied 16 bytes at a time by a few lanes, read by all: one copy per 16 bytes of
+  // parameters instead of two 4-byte copies per chunk, which made up most of the copies a
+  // block issues before it can start).
   const int param_row_bytes =
       fixed_param_row_bytes(kBits, kUnroll, segs.group_size, 1 << param_shift);
   const int stage_bytes = kSlots * 32 * 16 + RT * 2 * param_row_bytes;
@@ -1151,32 +1146,18 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   // Step s is round s % rounds of this warp's tile s / rounds, in ring slot s % kStages:
   // kept as running cursors (one for the copies issued ahead, one for the step computed),
   // never divided out.
-  // `phase`: the parity of the slot's barrier phase that completes the step (it flips each
-  // time the ring wraps).
   struct Cursor {
     int64_t tile;
     int round, stage;
-    uint32_t phase;
   };
   auto advance = [&](Cursor& cur) {
     if (++cur.round == rounds) {
       cur.round = 0;
       cur.tile += tile_stride;
     }
-    if (++cur.stage == kStages) {
-      cur.stage = 0;
-      cur.phase ^= 1u;
-    }
+    if (++cur.stage == kStages) cur.stage = 0;
   };
-  Cursor issued{first, 0, 0, 0}, computed{first, 0, 0, 0};
-  __shared__ uint64_t slot_filled[kFixedWarps][kStages];  // bulk copies only
-  if constexpr (kBulk) {
-    if (lane == 0) {
-      for (int i = 0; i < kStages; ++i) mbarrier_init(&slot_filled[warp][i], 1);
-      mbarrier_init_fence();
-    }
-    __syncwarp();
-  }
+  Cursor issued{first, 0, 0}, computed{first, 0, 0};
 
   // Row i of tile t (R rows of one segment; gated: R gate rows, then the same R up rows).
   struct Tile {
@@ -1204,7 +1185,6 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   auto issue = [&](int64_t s) {
     if (s < steps) {
       const int round = issued.round * 32 * kUnroll;
-      [[maybe_unused]] uint64_t* filled = &slot_filled[warp][issued.stage];
       char* stage = ring + issued.stage * stage_bytes;
       uint4* codes = reinterpret_cast<uint4*>(stage);
       char* params = stage + kSlots * 32 * 16;
@@ -1224,57 +1204,28 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
       const int last = min(round + 32 * kUnroll, chunks);
       const int64_t begin = int64_t(first_group(round)) << param_shift;
       const int64_t end = int64_t(((last * kPerChunk - 1) >> group_shift) + 1) << param_shift;
-      // The 16-byte words holding each row's parameters of the step: the tensors start 16-byte
-      // aligned in allocations of whole 256-byte granules, so the last word stays inside them.
-      int64_t word0[RT];
-      int words[RT];
 #pragma unroll
       for (int i = 0; i < RT; ++i) {
-        word0[i] = (tile_params[i] + begin) & ~int64_t(15);
-        words[i] = int((tile_params[i] + end - word0[i] + 15) >> 4);
-      }
-      if constexpr (kBulk) {
-        // Lane i copies row i's codes, lanes RT + 2i and RT + 2i + 1 its scales and biases.
-        const uint32_t code_bytes = uint32_t(last - round) * 16;
-        if (lane == 0) {
-          uint32_t bytes = 0;
+        const GemvSegment& sg = (kGated && i >= R) ? segs.seg[1] : segs.seg[tile_segment];
 #pragma unroll
-          for (int i = 0; i < RT; ++i) bytes += code_bytes + 32 * uint32_t(words[i]);
-          mbarrier_expect_bytes(filled, bytes);
+        for (int u = 0; u < kUnroll; ++u) {
+          const int c = round + 32 * u + lane;
+          if (c >= chunks) continue;
+          copy_async16(codes + (u * RT + i) * 32 + lane, tile_codes[i] + c);
         }
-#pragma unroll
-        for (int i = 0; i < RT; ++i) {
-          const GemvSegment& sg = (kGated && i >= R) ? segs.seg[1] : segs.seg[tile_segment];
-          if (lane == i)
-            bulk_copy(codes + i * kUnroll * 32, tile_codes[i] + round, code_bytes, filled);
-          if (lane == RT + 2 * i)
-            bulk_copy(params + i * 2 * param_row_bytes,
-                      static_cast<const char*>(sg.scales) + word0[i], 16 * words[i], filled);
-          if (lane == RT + 2 * i + 1)
-            bulk_copy(params + (i * 2 + 1) * param_row_bytes,
-                      static_cast<const char*>(sg.biases) + word0[i], 16 * words[i], filled);
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < RT; ++i) {
-          const GemvSegment& sg = (kGated && i >= R) ? segs.seg[1] : segs.seg[tile_segment];
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u) {
-            const int c = round + 32 * u + lane;
-            if (c >= chunks) continue;
-            copy_async16(codes + (i * kUnroll + u) * 32 + lane, tile_codes[i] + c);
-          }
-          for (int j = lane; j < words[i]; j += 32) {
-            copy_async16(params + i * 2 * param_row_bytes + 16 * j,
-                         static_cast<const char*>(sg.scales) + word0[i] + 16 * j);
-            copy_async16(params + (i * 2 + 1) * param_row_bytes + 16 * j,
-                         static_cast<const char*>(sg.biases) + word0[i] + 16 * j);
-          }
+        // The 16-byte words holding the step's parameters: the tensors start 16-byte aligned
+        // in allocations of whole 256-byte granules, so the last word stays inside them.
+        const int64_t word0 = (tile_params[i] + begin) & ~int64_t(15);
+        const int words = int((tile_params[i] + end - word0 + 15) >> 4);
+        for (int j = lane; j < words; j += 32) {
+          copy_async16(params + i * 2 * param_row_bytes + 16 * j,
+                       static_cast<const char*>(sg.scales) + word0 + 16 * j);
+          copy_async16(params + (i * 2 + 1) * param_row_bytes + 16 * j,
+                       static_cast<const char*>(sg.biases) + word0 + 16 * j);
         }
       }
     }
-    // Empty groups keep the count of pending groups uniform.
-    if constexpr (!kBulk) copy_async_commit();
+    copy_async_commit();  // empty groups keep the count of pending groups uniform
   };
 
   // Weights are constant: the first steps may be in flight before the predecessor kernel
@@ -1310,13 +1261,8 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   int row_phase[RT];
   float residual_ahead = 0.0f;
   for (int64_t s = 0; s < steps; ++s) {
-    // Step s has landed (for cp.async: this lane's copies; the barrier then covers every
-    // lane's, the parameters being shared), and step s - 1 is consumed by every lane.
-    if constexpr (kBulk)
-      mbarrier_wait(&slot_filled[warp][computed.stage], computed.phase);
-    else
-      copy_async_wait<kStages - 2>();
-    __syncwarp();
+    copy_async_wait<kStages - 2>();  // this lane's copies of step s have landed
+    __syncwarp();  // and every lane's (the parameters are shared), and step s - 1 is consumed
     // The slot step s - 1 used is free again.
     issue(s + kStages - 1);
     if (computed.round == 0) {
@@ -1355,8 +1301,7 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
         const float sc = kBf16Params ? bf16_at(p) : param_at(p, segs.param_dtype);
         const float bi = kBf16Params ? bf16_at(p + param_row_bytes)
                                      : param_at(p + param_row_bytes, segs.param_dtype);
-        acc[i] += sc * cp.x *
-                      float(chunk_dot_fixed<kBits>(codes[(i * kUnroll + u) * 32 + lane], xw)) +
+        acc[i] += sc * cp.x * float(chunk_dot_fixed<kBits>(codes[(u * RT + i) * 32 + lane], xw)) +
                   bi * cp.y;
       }
     }
@@ -1381,8 +1326,7 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
       for (int i = 0; i < RT; ++i) acc[i] = 0.0f;
     }
   }
-  // Every step issued has been waited for, except on Ampere the empty groups.
-  if constexpr (!kBulk) copy_async_wait<0>();
+  copy_async_wait<0>();
 }
 
 // The layers' common form for a fused launch, or false (mixed dtypes, unaligned, ...).
@@ -1534,7 +1478,7 @@ void launch_fixed(const float* x, const GemvSegments& s, int64_t K, const RMSNor
 // Variant v of the fixed-point kernel: rows per warp R and chunks per row and round, so that
 // each lane keeps 2-4 loads of 16 bytes outstanding while it computes the previous round.
 // make(R) builds the segments for R.
-constexpr int fixed_variants(bool gated) { return gated ? 3 : 4; }
+constexpr int fixed_variants(bool gated) { return gated ? 3 : 5; }
 
 template <int kBits, bool kGated, class MakeSegments>
 void launch_fixed_variant(int v, const float* x, int64_t K, const RMSNorm* norm,
@@ -1550,7 +1494,10 @@ void launch_fixed_variant(int v, const float* x, int64_t K, const RMSNorm* norm,
       case 0: launch_fixed<kBits, 2, 2, false>(x, make(2), K, norm); break;
       case 1: launch_fixed<kBits, 1, 4, false>(x, make(1), K, norm); break;
       case 2: launch_fixed<kBits, 4, 1, false>(x, make(4), K, norm); break;
-      default: launch_fixed<kBits, 1, 2, false>(x, make(1), K, norm); break;
+      case 3: launch_fixed<kBits, 1, 2, false>(x, make(1), K, norm); break;
+      // Three rows: q/k/v's 6144 rows make 2048 tiles, one per warp of 128 blocks (with two
+      // rows, 1.45 per warp: the warps with two tiles set the product's time).
+      default: launch_fixed<kBits, 3, 2, false>(x, make(3), K, norm); break;
     }
   }
 }

@@ -14,7 +14,6 @@
 #include "backend/cuda/cuda_ops.h"
 #include "backend/cuda/cuda_runtime.h"
 #include "moxin/errors.h"
-#include "moxin/quantize.h"
 
 namespace moxin::cuda {
 
@@ -921,28 +920,7 @@ struct DecodeRope {
   float* keys = nullptr;     // the cache, where AttnArgs reads it
   float* values = nullptr;
   const float* inv_freqs = nullptr;  // [Dh / 2]
-  // The next product's weights (o_proj's codes, scales and biases), requested into L2 by the
-  // blocks in even slices: attention reads little, so the memory bus would otherwise idle
-  // until o_proj's blocks find room on the SMs. warm_before_wait: at the blocks' start, not
-  // once the previous kernel has ended (MOXIN_CUDA_WARM_O_PROJ=2, a comparison).
-  const void* warm[3] = {};
-  int64_t warm_bytes[3] = {};
-  bool warm_before_wait = false;
 };
-
-// This block's slice of the ranges in `rope.warm`, into L2 (thread i < 3 takes range i).
-__device__ __forceinline__ void warm_l2_slice(const DecodeRope& rope) {
-  if (threadIdx.x >= 3 || rope.warm_bytes[threadIdx.x] <= 0) return;
-  const int64_t blocks = int64_t(gridDim.x) * gridDim.y * gridDim.z;
-  const int64_t block = blockIdx.x + int64_t(gridDim.x) * (blockIdx.y + int64_t(gridDim.y) * blockIdx.z);
-  // Whole 16-byte words (allocations are whole 256-byte granules, so the last stays inside).
-  const int64_t bytes = (rope.warm_bytes[threadIdx.x] + 15) & ~int64_t(15);
-  const int64_t slice = ((bytes + blocks - 1) / blocks + 15) & ~int64_t(15);
-  const int64_t begin = block * slice;
-  if (begin >= bytes) return;
-  prefetch_l2_bulk(static_cast<const char*>(rope.warm[threadIdx.x]) + begin,
-                   uint32_t(min(slice, bytes - begin)));
-}
 
 template <bool kSplit, bool kRope>
 __global__ void __launch_bounds__(kDecodeWarps * 32)
@@ -1013,12 +991,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     cos_f[threadIdx.x] = cs;
     sin_f[threadIdx.x] = sn;
   }
-  if constexpr (kRope)
-    if (rope.warm_before_wait) warm_l2_slice(rope);
   pdl_wait();
   pdl_trigger();
-  if constexpr (kRope)
-    if (!rope.warm_before_wait) warm_l2_slice(rope);
 
   float q[4], acc[4];
   const float* qrow = a.q + b * a.q_batch + h * Dh;
@@ -1215,18 +1189,6 @@ int* split_arrivals(int64_t rows) {
     counters = Tensor::zeros({std::max<int64_t>(rows, 256)}, DType::I32, Device::CUDA);
   }
   return counters.data_mut<int32_t>();
-}
-
-// MOXIN_CUDA_WARM_O_PROJ: 0 leaves o_proj's weights to o_proj (the comparison baseline), 1
-// (default on Hopper) has decode attention request them into L2 once q/k/v has ended, 2 at
-// its blocks' start. Bulk prefetches need Hopper.
-int warm_o_proj() {
-  static const int mode = [] {
-    if (properties().major < 9) return 0;
-    const char* v = std::getenv("MOXIN_CUDA_WARM_O_PROJ");
-    return v ? std::clamp(std::atoi(v), 0, 2) : 1;
-  }();
-  return mode;
 }
 
 bool split_decode_attention() {
@@ -1664,25 +1626,8 @@ bool fused_rope_attention_accumulate(Tensor& x, Tensor& q, const Tensor& k, cons
   a.q_offset = q_offset;
   a.delta = position_delta();
   Tensor keys = kv.keys, values = kv.values;
-  DecodeRope rope{k.data<float>(), v.data<float>(), keys.data_mut<float>(),
-                  values.data_mut<float>(), inv_freq_table(q.dim(3), theta)};
-  if (const int mode = warm_o_proj(); mode > 0) {
-    const QuantizedTensor* quantized = o_proj.quantized.get();
-    const Tensor* parts[3] = {&o_proj.weight, nullptr, nullptr};
-    if (quantized) {
-      parts[0] = &quantized->weight;
-      parts[1] = &quantized->scales;
-      parts[2] = &quantized->biases;
-    }
-    for (int i = 0; i < 3; ++i) {
-      if (!parts[i] || !parts[i]->defined() || parts[i]->device() != Device::CUDA ||
-          reinterpret_cast<uintptr_t>(parts[i]->raw()) % 16 != 0)
-        continue;
-      rope.warm[i] = parts[i]->raw();
-      rope.warm_bytes[i] = int64_t(parts[i]->nbytes());
-    }
-    rope.warm_before_wait = mode == 2;
-  }
+  const DecodeRope rope{k.data<float>(), v.data<float>(), keys.data_mut<float>(),
+                        values.data_mut<float>(), inv_freq_table(q.dim(3), theta)};
   launch_attention(a, q.dim(0), kv.keys.dim(2), &rope);
   linear_accumulate(x, attn, o_proj);
   return true;

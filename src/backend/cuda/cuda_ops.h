@@ -70,7 +70,7 @@ void write_positions(Tensor& dst, const Tensor& src, const BatchPositions& at);
 Tensor to_f32(const Tensor& t);
 
 // Single-row products pick their kernel variant by timing once per shape; tests force each
-// variant in turn (0..3; kinds with fewer variants take their last for larger indices) and
+// variant in turn (0..4; kinds with fewer variants take their last for larger indices) and
 // restore tuning with -1.
 void set_gemv_variant_for_testing(int variant);
 
