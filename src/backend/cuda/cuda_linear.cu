@@ -533,12 +533,15 @@ const std::map<TuneKey, int>& pinned_variants() {
   return pinned;
 }
 
+// `untimed` >= 0: that variant without timing (unless a test forces or the environment pins
+// another), for products whose best pick the timing alone cannot see.
 template <class Launch>
-int tuned_variant(const TuneKey& key, int variants, const Launch& launch) {
+int tuned_variant(const TuneKey& key, int variants, const Launch& launch, int untimed = -1) {
   const int forced = forced_variant.load(std::memory_order_relaxed);
   if (forced >= 0) return std::min(forced, variants - 1);
   if (auto it = pinned_variants().find(key); it != pinned_variants().end())
     return std::clamp(it->second, 0, variants - 1);
+  if (untimed >= 0) return std::min(untimed, variants - 1);
   static std::mutex mutex;
   static std::map<TuneKey, int> chosen;
   {
@@ -601,13 +604,13 @@ void launch_gemv16_warp(const float* x, const W* w, const float* bias, const flo
 // scratch output without the residual, so timing never adds into the real y twice.
 template <class Run>
 void run_tuned(const TuneKey& key, int variants, int64_t outputs, const float* residual, float* y,
-               const Run& run) {
+               const Run& run, int untimed = -1) {
   Tensor scratch;
   const int v = tuned_variant(key, variants, [&](int candidate) {
     if (residual && !scratch.defined())
       scratch = Tensor::empty({outputs}, DType::F32, Device::CUDA);
     run(candidate, nullptr, residual ? scratch.data_mut<float>() : y);
-  });
+  }, untimed);
   run(v, residual, y);
 }
 
@@ -1477,8 +1480,9 @@ void launch_fixed(const float* x, const GemvSegments& s, int64_t K, const RMSNor
 
 // Variant v of the fixed-point kernel: rows per warp R and chunks per row and round, so that
 // each lane keeps 2-4 loads of 16 bytes outstanding while it computes the previous round.
-// make(R) builds the segments for R.
+// make(R) builds the segments for R. Variant 4 (three rows) only single products take (below).
 constexpr int fixed_variants(bool gated) { return gated ? 3 : 5; }
+constexpr int kFixedThreeRowVariant = 4;
 
 template <int kBits, bool kGated, class MakeSegments>
 void launch_fixed_variant(int v, const float* x, int64_t K, const RMSNorm* norm,
@@ -1495,8 +1499,6 @@ void launch_fixed_variant(int v, const float* x, int64_t K, const RMSNorm* norm,
       case 1: launch_fixed<kBits, 1, 4, false>(x, make(1), K, norm); break;
       case 2: launch_fixed<kBits, 4, 1, false>(x, make(4), K, norm); break;
       case 3: launch_fixed<kBits, 1, 2, false>(x, make(1), K, norm); break;
-      // Three rows: q/k/v's 6144 rows make 2048 tiles, one per warp of 128 blocks (with two
-      // rows, 1.45 per warp: the warps with two tiles set the product's time).
       default: launch_fixed<kBits, 3, 2, false>(x, make(3), K, norm); break;
     }
   }
@@ -1511,16 +1513,29 @@ void launch_multi_fixed(const float* x, const std::vector<const Linear*>& layers
     launch_fixed_variant<kBits, kGated>(
         v, x, K, norm, [&](int R) { return make_segments(layers, ys, R, kGated); });
   };
-  run(tuned_variant(TuneKey{total, K, 3000 * (kGated ? 2 : 1) + kBits}, fixed_variants(kGated),
-                    run));
+  // Not the three-row variant: timed alone, it was the fastest for q/k/v at 8 bits and for
+  // lm_head (9 against 11 us, 51 against 52), but slower inside the decode graph (H100: 273.6
+  // against 279.7 tok/s, bench/GPU_NOTES.md run 12).
+  run(tuned_variant(TuneKey{total, K, 3000 * (kGated ? 2 : 1) + kBits},
+                    std::min(fixed_variants(kGated), kFixedThreeRowVariant), run));
 }
 
 // y (+ residual) = x W^T + bias for a single row of x.
 template <int kBits>
 void launch_single_fixed(const float* x, const QuantizedTensor& q, const float* bias,
                          const float* residual, float* y, int64_t N, int64_t K) {
-  run_tuned(TuneKey{N, K, 2000 + kBits * 100 + q.group_size}, fixed_variants(false), N, residual,
-            y, [&](int v, const float* res, float* out) {
+  // At 4 bits the three-row variant, untimed: alone it streams o_proj no faster than the others
+  // (6 us each on an H100) and down_proj slower (15 against 13 us), but inside the decode graph
+  // it measured 452 tok/s with o_proj on it against 442, and 455 with down_proj too
+  // (bench/GPU_NOTES.md run 12). Both products are then one tile per warp on 86 blocks: o_proj's
+  // warps have their whole tile in flight before the wait, and the SMs left free take the next
+  // product's first blocks early. 8 bits keep the timed pick among the others (three rows
+  // measured no different for o_proj there).
+  const bool three_rows = kBits == 4;
+  run_tuned(
+      TuneKey{N, K, 2000 + kBits * 100 + q.group_size},
+      three_rows ? fixed_variants(false) : kFixedThreeRowVariant, N, residual, y,
+      [&](int v, const float* res, float* out) {
               launch_fixed_variant<kBits, false>(v, x, K, nullptr, [&](int R) {
                 GemvSegments s;
                 s.count = 1;
@@ -1537,7 +1552,8 @@ void launch_single_fixed(const float* x, const QuantizedTensor& q, const float* 
                 g.N = N;
                 return s;
               });
-            });
+      },
+      three_rows ? kFixedThreeRowVariant : -1);
 }
 
 // Diagnostics: MOXIN_CUDA_QUANT_PATH forces one product path for quantized layers, so the
