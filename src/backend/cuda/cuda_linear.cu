@@ -1524,34 +1524,35 @@ void launch_multi_fixed(const float* x, const std::vector<const Linear*>& layers
 template <int kBits>
 void launch_single_fixed(const float* x, const QuantizedTensor& q, const float* bias,
                          const float* residual, float* y, int64_t N, int64_t K) {
-  // At 4 bits the three-row variant, untimed: alone it streams o_proj no faster than the others
-  // (6 us each on an H100) and down_proj slower (15 against 13 us), but inside the decode graph
-  // it measured 452 tok/s with o_proj on it against 442, and 455 with down_proj too
-  // (bench/GPU_NOTES.md run 12). Both products are then one tile per warp on 86 blocks: o_proj's
-  // warps have their whole tile in flight before the wait, and the SMs left free take the next
-  // product's first blocks early. 8 bits keep the timed pick among the others (three rows
-  // measured no different for o_proj there).
-  const bool three_rows = kBits == 4;
+  // The three-row variant, untimed, where it gives each warp one tile that travels whole in
+  // its ring's first two steps, before the wait (4 bits, rows of at most two rounds: o_proj).
+  // Alone it streams o_proj no faster than the others (6 us each on an H100), but inside the
+  // decode graph it measured 453.6-453.8 tok/s against 441.9-443.8 (bench/GPU_NOTES.md run 12):
+  // the product on 86 blocks, the SMs left free take the next product's first blocks early.
+  // Elsewhere the four timed variants: down_proj on three rows measured 432 (with q/k/v on two
+  // rows) and 455 (on three), a dependence on its neighbours the tuner cannot see.
+  const bool three_rows = kBits == 4 && K * kBits / 128 <= 2 * 32 * 2 &&
+                          (N + 2) / 3 <= int64_t(kFixedWarps) * properties().multiProcessorCount;
   run_tuned(
       TuneKey{N, K, 2000 + kBits * 100 + q.group_size},
       three_rows ? fixed_variants(false) : kFixedThreeRowVariant, N, residual, y,
       [&](int v, const float* res, float* out) {
-              launch_fixed_variant<kBits, false>(v, x, K, nullptr, [&](int R) {
-                GemvSegments s;
-                s.count = 1;
-                s.param_dtype = q.scales.dtype();
-                s.group_size = q.group_size;
-                s.units = (N + R - 1) / R;
-                GemvSegment& g = s.seg[0];
-                g.w = q.weight.raw();
-                g.scales = q.scales.raw();
-                g.biases = q.biases.raw();
-                g.bias = bias;
-                g.residual = res;
-                g.y = out;
-                g.N = N;
-                return s;
-              });
+        launch_fixed_variant<kBits, false>(v, x, K, nullptr, [&](int R) {
+          GemvSegments s;
+          s.count = 1;
+          s.param_dtype = q.scales.dtype();
+          s.group_size = q.group_size;
+          s.units = (N + R - 1) / R;
+          GemvSegment& g = s.seg[0];
+          g.w = q.weight.raw();
+          g.scales = q.scales.raw();
+          g.biases = q.biases.raw();
+          g.bias = bias;
+          g.residual = res;
+          g.y = out;
+          g.N = N;
+          return s;
+        });
       },
       three_rows ? kFixedThreeRowVariant : -1);
 }
