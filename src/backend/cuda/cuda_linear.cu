@@ -533,6 +533,7 @@ const std::map<TuneKey, int>& pinned_variants() {
   return pinned;
 }
 
+// How much faster than the pick so far a later variant must time to replace it (below).
 constexpr float kTuneMargin = 0.97f;
 
 // `untimed` >= 0: that variant without timing (unless a test forces or the environment pins
@@ -1486,8 +1487,9 @@ void launch_fixed(const float* x, const GemvSegments& s, int64_t K, const RMSNor
 
 // Variant v of the fixed-point kernel: rows per warp R and chunks per row and round, so that
 // each lane keeps 2-4 loads of 16 bytes outstanding while it computes the previous round.
-// make(R) builds the segments for R. Variant 4 (three rows) only single products take (below).
-constexpr int fixed_variants(bool gated) { return gated ? 3 : 5; }
+// make(R) builds the segments for R. The tuner times variants 0-3 (0-2 gated); variant 4,
+// three rows, is taken untimed where launch_single_fixed says.
+constexpr int fixed_variants(bool gated) { return gated ? 3 : 4; }
 constexpr int kFixedThreeRowVariant = 4;
 
 template <int kBits, bool kGated, class MakeSegments>
@@ -1522,8 +1524,8 @@ void launch_multi_fixed(const float* x, const std::vector<const Linear*>& layers
   // Not the three-row variant: timed alone, it was the fastest for q/k/v at 8 bits and for
   // lm_head (9 against 11 us, 51 against 52), but slower inside the decode graph (H100: 273.6
   // against 279.7 tok/s, bench/GPU_NOTES.md run 12).
-  run(tuned_variant(TuneKey{total, K, 3000 * (kGated ? 2 : 1) + kBits},
-                    std::min(fixed_variants(kGated), kFixedThreeRowVariant), run));
+  run(tuned_variant(TuneKey{total, K, 3000 * (kGated ? 2 : 1) + kBits}, fixed_variants(kGated),
+                    run));
 }
 
 // y (+ residual) = x W^T + bias for a single row of x.
@@ -1541,7 +1543,7 @@ void launch_single_fixed(const float* x, const QuantizedTensor& q, const float* 
                           (N + 2) / 3 <= int64_t(kFixedWarps) * properties().multiProcessorCount;
   run_tuned(
       TuneKey{N, K, 2000 + kBits * 100 + q.group_size},
-      three_rows ? fixed_variants(false) : kFixedThreeRowVariant, N, residual, y,
+      three_rows ? kFixedThreeRowVariant + 1 : fixed_variants(false), N, residual, y,
       [&](int v, const float* res, float* out) {
         launch_fixed_variant<kBits, false>(v, x, K, nullptr, [&](int R) {
           GemvSegments s;
