@@ -109,8 +109,13 @@ namespace {
 // them, and the cache records the sequence's offset as start + valid[b], so its next update
 // overwrites the padding's keys and values. A batch whose sequences share one offset and have
 // all rows real takes the uniform path, the one a recorded CUDA decode step follows.
+//
+// `owned`: the embeddings are the caller's scratch (a decode step's fresh lookup), so the layers
+// add their residuals into them in place; otherwise a copy is made first, which in a recorded
+// decode step is a copy node between the embedding and the first product, where programmatic
+// dependent launch cannot overlap them.
 Tensor run_decoder(MoxinVLM& model, const Tensor& embeddings, KVCacheList& cache,
-                   const std::vector<int64_t>* valid) {
+                   const std::vector<int64_t>* valid, bool owned = false) {
   const MistralConfig& tc = model.config.text_config;
   if (embeddings.ndim() != 3 || embeddings.dim(2) != tc.hidden_size)
     throw_error(ErrorKind::Request, "decoder input must be [B, L, " +
@@ -141,7 +146,7 @@ Tensor run_decoder(MoxinVLM& model, const Tensor& embeddings, KVCacheList& cache
       throw_error(ErrorKind::Request, "sequence of " + std::to_string(offset + L) +
                                           " positions exceeds the model's maximum of " +
                                           std::to_string(tc.max_position_embeddings));
-    Tensor x = embeddings.clone();  // layers add their residuals in place; the input stays
+    Tensor x = owned ? embeddings : embeddings.clone();  // layers add residuals in place
     for (size_t i = 0; i < model.layers.size(); ++i)
       x = decoder_layer_forward(model.layers[i], x, *cache[i], tc, nullptr);
     return x;
@@ -161,7 +166,7 @@ Tensor run_decoder(MoxinVLM& model, const Tensor& embeddings, KVCacheList& cache
                                           std::to_string(tc.max_position_embeddings));
   // One upload of the positions per call, read by every layer's kernels.
   append.at = ops::batch_positions(std::move(at), model.device());
-  Tensor x = embeddings.clone();
+  Tensor x = owned ? embeddings : embeddings.clone();
   for (size_t i = 0; i < model.layers.size(); ++i)
     x = decoder_layer_forward(model.layers[i], x, *cache[i], tc, &append);
   return x;
@@ -188,14 +193,18 @@ void check_prompt_ids(const Tensor& input_ids) {
                                         shape_to_string(input_ids.shape()));
 }
 
-}  // namespace
-
-Tensor MoxinVLM::forward_embeddings(const Tensor& embeddings, KVCacheList& cache, int64_t last_n) {
-  Tensor x = run_decoder(*this, embeddings, cache, nullptr);
+// The final norm and lm_head over the last `last_n` rows (all when negative) of hidden states.
+Tensor last_logits(const MoxinVLM& model, const Tensor& x, int64_t last_n) {
   const int64_t L = x.dim(1);
   const int64_t keep = last_n < 0 || last_n > L ? L : last_n;
   Tensor tail = keep == L ? x : ops::slice(x, 1, L - keep, L);
-  return ops::linear_same_input(tail, {&lm_head}, &norm)[0];  // [B, keep, vocab]
+  return ops::linear_same_input(tail, {&model.lm_head}, &model.norm)[0];  // [B, keep, vocab]
+}
+
+}  // namespace
+
+Tensor MoxinVLM::forward_embeddings(const Tensor& embeddings, KVCacheList& cache, int64_t last_n) {
+  return last_logits(*this, run_decoder(*this, embeddings, cache, nullptr), last_n);
 }
 
 Tensor MoxinVLM::forward(const Tensor& dino_image, const Tensor& siglip_image,
@@ -234,8 +243,10 @@ Tensor MoxinVLM::decode_token(const Tensor& token, KVCacheList& cache) {
   if (!(token.ndim() == 1 || (token.ndim() == 2 && token.dim(1) == 1)))
     throw_error(ErrorKind::Request,
                 "decode_token takes [B] or [B, 1] ids, got " + shape_to_string(token.shape()));
-  // On a ragged cache run_decoder places each sequence's token at its own offset.
-  return forward_embeddings(embed(token.reshape({token.dim(0), 1})), cache, 1);
+  // On a ragged cache run_decoder places each sequence's token at its own offset. The looked-up
+  // rows are this call's own: the layers accumulate into them.
+  const Tensor rows = embed(token.reshape({token.dim(0), 1}));
+  return last_logits(*this, run_decoder(*this, rows, cache, nullptr, /*owned=*/true), 1);
 }
 
 }  // namespace moxin

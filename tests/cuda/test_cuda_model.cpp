@@ -251,6 +251,48 @@ TEST(CudaQuantized, QuantizedModelMatchesCpu) {
   }
 }
 
+#if MOXIN_WITH_CUDA
+// Greedy generation through recordings of several steps per launch picks the tokens of one step
+// per launch: 4 bits (programmatic dependent launch inside the graphs) and bf16, counts that
+// leave a remainder of single steps, and a second generation after the caches were reset and
+// refilled (the device position delta set again from the host).
+TEST(CudaGraph, ManyStepLaunchesPickTheTokensOfSingleSteps) {
+  MOXIN_SKIP_WITHOUT_GPU();
+  const auto dir = test::checkpoint_dir("real-towers");
+  if (dir.empty()) GTEST_SKIP() << "real-towers checkpoint not generated";
+  const auto meta = nlohmann::json::parse(std::ifstream(test::fixtures_dir() / "parity" / "real-towers" / "meta.json"));
+  const auto ids = meta["input_ids"].get<std::vector<int32_t>>();
+  Tensor input = Tensor::empty({1, int64_t(ids.size())}, DType::I32);
+  std::copy(ids.begin(), ids.end(), input.data_mut<int32_t>());
+  const Tensor pd = npy::load(test::fixtures_dir() / "parity" / "real-towers" / "pixel_dino.npy");
+  const Tensor ps = npy::load(test::fixtures_dir() / "parity" / "real-towers" / "pixel_siglip.npy");
+  constexpr int kCount = 11;
+  for (int bits : {4, 0}) {
+    MoxinVLM model = load_model(dir);
+    if (bits) model.quantize(64, bits);
+    model.to_device(Device::CUDA);
+    const int64_t capacity = meta["sequence_length"].get<int64_t>() + kCount + 2;
+    auto generate = [&](int steps_per_launch, int runs) {
+      cuda::DecodeGraph graph(model, capacity, steps_per_launch);
+      std::vector<std::vector<int32_t>> out;
+      for (int r = 0; r < runs; ++r) {
+        for (auto& c : graph.caches()) c->reset();
+        const Tensor logits = model.forward(pd, ps, input, graph.caches(), 1);
+        out.push_back(graph.generate_greedy(logits, kCount));
+      }
+      return out;
+    };
+    const std::vector<int32_t> single = generate(1, 1)[0];
+    ASSERT_EQ(single.size(), size_t(kCount));
+    for (int steps : {3, 4}) {
+      const auto runs = generate(steps, 2);
+      EXPECT_EQ(runs[0], single) << bits << "-bit, " << steps << " steps per launch";
+      EXPECT_EQ(runs[1], single) << bits << "-bit, " << steps << " steps per launch, second run";
+    }
+  }
+}
+#endif
+
 // generate() on a GPU decodes through a recorded CUDA graph by default: the same ids as with
 // every op launched from the host, greedy and seeded sampling, and greedy as on the CPU.
 TEST(CudaGenerate, GraphDecodingGivesTheEagerAnswer) {

@@ -1,6 +1,8 @@
 #include "backend/cuda/cuda_graph.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -17,10 +19,11 @@ namespace {
 
 constexpr size_t kArenaBytes = size_t(96) << 20;  // a 7B decode step records ~12 MiB
 
-// out = argmax of `row` (first index among equal maxima, as std::max_element); optionally
-// advances the recorded step's position delta.
+// out = argmax of `row` (first index among equal maxima, as std::max_element), also into
+// `also` when given; optionally advances the recorded steps' position delta by `advance`.
 __global__ void __launch_bounds__(1024) argmax_kernel(const float* __restrict__ row, int64_t n,
-                                                      int32_t* out, int* delta) {
+                                                      int32_t* out, int32_t* also, int* delta,
+                                                      int advance) {
   pdl_wait();
   pdl_trigger();
   __shared__ float best_v[32];
@@ -71,16 +74,19 @@ __global__ void __launch_bounds__(1024) argmax_kernel(const float* __restrict__ 
       }
     }
     if (lane == 0) {
-      *out = idx == 0x7fffffff ? 0 : idx;  // all-NaN row: token 0 rather than garbage
-      if (delta) *delta += 1;
+      const int32_t token = idx == 0x7fffffff ? 0 : idx;  // all-NaN row: 0 rather than garbage
+      *out = token;
+      if (also) *also = token;
+      if (delta) *delta += advance;
     }
   }
 }
 
-void launch_argmax(const Tensor& logits, int32_t* out, int* delta) {
+void launch_argmax(const Tensor& logits, int32_t* out, int* delta = nullptr, int advance = 1,
+                   int32_t* also = nullptr) {
   const int64_t V = logits.dim(-1);
   const float* row = logits.data<float>() + logits.numel() - V;
-  launch_pdl(argmax_kernel, 1, 1024, 0, row, V, out, delta);
+  launch_pdl(argmax_kernel, 1, 1024, 0, row, V, out, also, delta, advance);
 }
 
 }  // namespace
@@ -89,7 +95,7 @@ int32_t argmax_last(const Tensor& logits) {
   if (logits.device() != Device::CUDA || logits.dtype() != DType::F32 || logits.numel() == 0)
     throw_error(ErrorKind::Compute, "argmax_last: float32 logits on the GPU expected");
   Tensor out = Tensor::empty({1}, DType::I32, Device::CUDA);
-  launch_argmax(logits, out.data_mut<int32_t>(), nullptr);
+  launch_argmax(logits, out.data_mut<int32_t>());
   return out.to_device(Device::CPU).data<int32_t>()[0];
 }
 
@@ -150,20 +156,36 @@ void StaticKVCache::advance(int64_t n) {
 
 // ---------------------------------------------------------------------------------------------
 
+namespace {
+
+// MOXIN_CUDA_GRAPH_STEPS=N: decode steps per launch of the many-step recording (1: one step per
+// launch, the comparison baseline).
+int default_steps_per_launch() {
+  static const int steps = [] {
+    const char* v = std::getenv("MOXIN_CUDA_GRAPH_STEPS");
+    return v ? std::clamp(std::atoi(v), 1, DecodeGraph::kMaxStepsPerLaunch) : 4;
+  }();
+  return steps;
+}
+
+}  // namespace
+
 struct DecodeGraph::Impl {
   Tensor token;   // I32 [1, 1]: the step's input, overwritten by the step's own argmax
-  Tensor delta;   // I32 [1]: position now minus position at recording
-  Tensor logits;  // [1, 1, vocab] in the arena
+  Tensor picked;  // I32 [kMaxStepsPerLaunch]: the tokens a launch picked, in step order
+  Tensor delta;   // I32 [1]: position at the launch's first step minus position at recording
+  Tensor logits;  // [1, 1, vocab] in the arena, of the one-step recording
   CaptureArena arena;
   int32_t* pinned = nullptr;  // host-visible token slots
   int pinned_count = 0;
-  cudaGraph_t graph = nullptr;
-  int64_t capture_offset = 0;  // cache offset when the step was recorded
+  cudaGraphExec_t many = nullptr;  // the many-step recording, or null
+  int many_steps = 0;
+  int64_t capture_offset = 0;  // cache offset when the steps were recorded
   int delta_host = 0;          // host mirror of *delta after the work queued so far
   int delta_staging = 0;
 
   ~Impl() {
-    if (graph) cudaGraphDestroy(graph);
+    if (many) cudaGraphExecDestroy(many);
     if (arena.base) {
       cudaFree(arena.base);
       add_other_bytes(-std::ptrdiff_t(arena.size));
@@ -182,36 +204,47 @@ struct DecodeGraph::Impl {
   }
 };
 
-DecodeGraph::DecodeGraph(MoxinVLM& model, int64_t capacity)
+DecodeGraph::DecodeGraph(MoxinVLM& model, int64_t capacity, int steps_per_launch)
     : model_(model), impl_(std::make_unique<Impl>()) {
   if (model.device() != Device::CUDA)
     throw_error(ErrorKind::Request, "decode graphs need a model on the GPU");
   if (capacity < 1 || capacity > model.config.text_config.max_position_embeddings)
     throw_error(ErrorKind::Request, "decode graph capacity " + std::to_string(capacity) +
                                         " outside [1, max_position_embeddings]");
+  if (steps_per_launch < 0 || steps_per_launch > kMaxStepsPerLaunch)
+    throw_error(ErrorKind::Request, "decode graph steps per launch " +
+                                        std::to_string(steps_per_launch) + " outside [0, " +
+                                        std::to_string(kMaxStepsPerLaunch) + "]");
+  steps_per_launch_ = steps_per_launch ? steps_per_launch : default_steps_per_launch();
   for (size_t i = 0; i < model.layers.size(); ++i)
     caches_.push_back(std::make_unique<StaticKVCache>(capacity));
   impl_->token = Tensor::zeros({1, 1}, DType::I32, Device::CUDA);
+  impl_->picked = Tensor::zeros({kMaxStepsPerLaunch}, DType::I32, Device::CUDA);
   impl_->delta = Tensor::zeros({1}, DType::I32, Device::CUDA);
   MOXIN_CUDA_CHECK(cudaMalloc(&impl_->arena.base, kArenaBytes));
   impl_->arena.size = kArenaBytes;
   add_other_bytes(std::ptrdiff_t(kArenaBytes));
-  impl_->pinned_slots(1);
+  impl_->pinned_slots(kMaxStepsPerLaunch);
 }
 
 DecodeGraph::~DecodeGraph() {
   if (exec_) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
 }
 
-void DecodeGraph::check_room() const {
-  const int64_t offset = caches_[0]->offset();
+int64_t DecodeGraph::room() const {
   const auto* cache = static_cast<const StaticKVCache*>(caches_[0].get());
-  if (offset < 1)
+  return std::min(cache->capacity(), model_.config.text_config.max_position_embeddings) -
+         cache->offset();
+}
+
+void DecodeGraph::check_room() const {
+  if (caches_[0]->offset() < 1)
     throw_error(ErrorKind::Request, "decode graph: run the prefill into caches() first");
-  if (offset + 1 > cache->capacity() ||
-      offset + 1 > model_.config.text_config.max_position_embeddings)
-    throw_error(ErrorKind::Request, "decode graph: no room for another position (capacity " +
-                                        std::to_string(cache->capacity()) + ")");
+  if (room() < 1)
+    throw_error(ErrorKind::Request,
+                "decode graph: no room for another position (capacity " +
+                    std::to_string(static_cast<const StaticKVCache*>(caches_[0].get())->capacity()) +
+                    ")");
 }
 
 void DecodeGraph::record() {
@@ -219,59 +252,88 @@ void DecodeGraph::record() {
   // One eager step at the same position first: kernels that pick a variant by timing, or keep
   // buffers for the process, settle outside the recording. The recorded step then rewrites the
   // same cache rows with the same values.
-  {
-    std::vector<int64_t> before;
-    for (auto& c : caches_) before.push_back(c->offset());
-    model_.decode_token(s.token, caches_);
-    for (size_t i = 0; i < caches_.size(); ++i)
-      static_cast<StaticKVCache*>(caches_[i].get())->rewind(before[i]);
-  }
-  MOXIN_CUDA_CHECK(cudaMemsetAsync(s.delta.raw_mut(), 0, sizeof(int), stream()));
-  s.arena.used = 0;
-  // Hooks on: fixed addresses, device-side position delta.
-  set_capture_arena(&s.arena);
-  set_position_delta(s.delta.data<int32_t>());
-  // Programmatic dependent launch inside the graph for quantized decoders only (their products
-  // prefetch weights before waiting on their predecessor; cuda_internal.h has the numbers).
-  set_pdl_in_recordings(!model_.layers.empty() && model_.layers[0].self_attn.q_proj.quantized);
   std::vector<int64_t> offsets;
   for (auto& c : caches_) offsets.push_back(c->offset());
+  auto rewind = [&](int64_t ahead) {
+    for (size_t i = 0; i < caches_.size(); ++i)
+      static_cast<StaticKVCache*>(caches_[i].get())->rewind(offsets[i] + ahead);
+  };
+  model_.decode_token(s.token, caches_);
+  rewind(0);
+  MOXIN_CUDA_CHECK(cudaMemsetAsync(s.delta.raw_mut(), 0, sizeof(int), stream()));
+  s.arena.used = 0;
   s.capture_offset = offsets[0];
   s.delta_host = 0;
-  MOXIN_CUDA_CHECK(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeThreadLocal));
-  cudaGraph_t graph = nullptr;
-  try {
-    s.logits = model_.decode_token(s.token, caches_);
-    launch_argmax(s.logits, s.token.data_mut<int32_t>(), s.delta.data_mut<int32_t>());
-  } catch (...) {
-    cudaStreamEndCapture(stream(), &graph);
-    if (graph) cudaGraphDestroy(graph);
-    set_capture_arena(nullptr);
-    set_position_delta(nullptr);
-    set_pdl_in_recordings(false);
-    // The host caches advanced while recording; the recorded step never ran.
-    for (size_t i = 0; i < caches_.size(); ++i)
-      static_cast<StaticKVCache*>(caches_[i].get())->rewind(offsets[i]);
-    throw;
+
+  // `steps` consecutive steps into one graph, each picking its token into the next one's input
+  // (and into `picked`). Step j is recorded at the host position capture_offset + j, so only
+  // the last step advances the device delta, by all of them: a launch's steps then sit at
+  // capture_offset + delta + j.
+  auto capture = [&](int steps) {
+    // Hooks on: fixed addresses, device-side position delta. Programmatic dependent launch
+    // inside the graph for quantized decoders only (their products prefetch weights before
+    // waiting on their predecessor; cuda_internal.h has the numbers).
+    set_capture_arena(&s.arena);
+    set_position_delta(s.delta.data<int32_t>());
+    set_pdl_in_recordings(!model_.layers.empty() && model_.layers[0].self_attn.q_proj.quantized);
+    auto hooks_off = [] {
+      set_capture_arena(nullptr);
+      set_position_delta(nullptr);
+      set_pdl_in_recordings(false);
+    };
+    MOXIN_CUDA_CHECK(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeThreadLocal));
+    cudaGraph_t graph = nullptr;
+    try {
+      for (int j = 0; j < steps; ++j) {
+        Tensor logits = model_.decode_token(s.token, caches_);
+        launch_argmax(logits, s.token.data_mut<int32_t>(),
+                      j == steps - 1 ? s.delta.data_mut<int32_t>() : nullptr, steps,
+                      s.picked.data_mut<int32_t>() + j);
+        if (steps == 1) s.logits = logits;
+      }
+    } catch (...) {
+      cudaStreamEndCapture(stream(), &graph);
+      if (graph) cudaGraphDestroy(graph);
+      hooks_off();
+      rewind(0);  // the host caches advanced while recording; the recorded steps never ran
+      throw;
+    }
+    hooks_off();
+    MOXIN_CUDA_CHECK(cudaStreamEndCapture(stream(), &graph));
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    MOXIN_CUDA_CHECK(made);
+    // Its first launch would otherwise upload it, inside whatever generation launches it first.
+    MOXIN_CUDA_CHECK(cudaGraphUpload(exec, stream()));
+    return exec;
+  };
+  exec_ = capture(1);
+  // The many-step recording, where the arena holds that many steps' intermediates (each step
+  // its own, so no step overwrites what an earlier one may still read) and the caches that many
+  // positions.
+  const size_t step_bytes = std::max<size_t>(s.arena.used, 1);
+  const int64_t fits = std::min<int64_t>(int64_t((s.arena.size - s.arena.used) / step_bytes),
+                                         room() + 1);  // the one-step recording took one
+  const int steps = int(std::min<int64_t>(steps_per_launch_, fits));
+  if (steps > 1) {
+    rewind(0);
+    s.many = capture(steps);
+    s.many_steps = steps;
   }
-  set_capture_arena(nullptr);
-  set_position_delta(nullptr);
-  set_pdl_in_recordings(false);
-  MOXIN_CUDA_CHECK(cudaStreamEndCapture(stream(), &graph));
-  s.graph = graph;
-  cudaGraphExec_t exec = nullptr;
-  MOXIN_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  exec_ = exec;
+  // As after the one-step recording: the caches one position on, which the first launch fills.
+  rewind(1);
 }
 
-void DecodeGraph::replay() {
+void DecodeGraph::launch(int steps) {
   Impl& s = *impl_;
   if (!exec_) {
     // Recording advances the host caches by one position, which the first launch then fills.
     record();
+    steps = 1;
   } else {
-    // The caches may have been reset and refilled since the last replay: the device delta must
-    // say where this step sits relative to the recording.
+    // The caches may have been reset and refilled since the last launch: the device delta must
+    // say where this launch sits relative to the recording.
     const int want = int(caches_[0]->offset() - s.capture_offset);
     if (want != s.delta_host) {
       s.delta_staging = want;
@@ -279,10 +341,11 @@ void DecodeGraph::replay() {
                                        cudaMemcpyHostToDevice, stream()));
       s.delta_host = want;
     }
-    for (auto& c : caches_) static_cast<StaticKVCache*>(c.get())->advance(1);
+    for (auto& c : caches_) static_cast<StaticKVCache*>(c.get())->advance(steps);
   }
-  MOXIN_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), stream()));
-  ++s.delta_host;  // the graph's last kernel advances the device copy the same way
+  MOXIN_CUDA_CHECK(cudaGraphLaunch(steps == 1 ? static_cast<cudaGraphExec_t>(exec_) : s.many,
+                                   stream()));
+  s.delta_host += steps;  // the graph's last kernel advances the device copy the same way
 }
 
 Tensor DecodeGraph::step(int32_t token) {
@@ -297,7 +360,7 @@ Tensor DecodeGraph::step(int32_t token) {
   slot[0] = token;
   MOXIN_CUDA_CHECK(cudaMemcpyAsync(impl_->token.raw_mut(), slot, sizeof(int32_t),
                                    cudaMemcpyHostToDevice, stream()));
-  replay();
+  launch(1);
   MOXIN_CUDA_CHECK(cudaStreamSynchronize(stream()));
   return impl_->logits;
 }
@@ -306,24 +369,34 @@ std::vector<int32_t> DecodeGraph::generate_greedy(const Tensor& prefill_logits, 
   if (count < 1) return {};
   if (prefill_logits.device() != Device::CUDA)
     throw_error(ErrorKind::Request, "generate_greedy: prefill logits must be on the GPU");
+  Impl& s = *impl_;
   MOXIN_CUDA_CHECK(cudaStreamSynchronize(stream()));
-  int32_t* slots = impl_->pinned_slots(count);
-  launch_argmax(prefill_logits, impl_->token.data_mut<int32_t>(), nullptr);
-  MOXIN_CUDA_CHECK(cudaMemcpyAsync(slots, impl_->token.raw(), sizeof(int32_t),
+  int32_t* slots = s.pinned_slots(count);
+  launch_argmax(prefill_logits, s.token.data_mut<int32_t>());
+  MOXIN_CUDA_CHECK(cudaMemcpyAsync(slots, s.token.raw(), sizeof(int32_t),
                                    cudaMemcpyDeviceToHost, stream()));
   using Clock = std::chrono::steady_clock;
   double host_s = 0;
-  for (int i = 1; i < count; ++i) {
+  int timed = 0;
+  for (int i = 1; i < count;) {
     check_room();
+    // The many-step recording while the tokens still wanted and the caches' room allow it.
+    const int steps = s.many && count - i >= s.many_steps && room() >= s.many_steps
+                          ? s.many_steps : 1;
+    const bool first = !exec_;
     const auto start = Clock::now();
-    replay();
-    // The graph leaves its argmax in the token slot: queue its copy, never wait for it here.
-    MOXIN_CUDA_CHECK(cudaMemcpyAsync(slots + i, impl_->token.raw(), sizeof(int32_t),
+    launch(steps);
+    // The launch leaves its tokens in `picked`: queue their copy, never wait for it here.
+    MOXIN_CUDA_CHECK(cudaMemcpyAsync(slots + i, s.picked.raw(), sizeof(int32_t) * size_t(steps),
                                      cudaMemcpyDeviceToHost, stream()));
-    if (i > 1) host_s += std::chrono::duration<double>(Clock::now() - start).count();
+    if (!first) {  // the first launch records
+      host_s += std::chrono::duration<double>(Clock::now() - start).count();
+      timed += steps;
+    }
+    i += steps;
   }
   MOXIN_CUDA_CHECK(cudaStreamSynchronize(stream()));
-  host_us_per_token_ = count > 2 ? host_s / double(count - 2) * 1e6 : 0.0;
+  host_us_per_token_ = timed ? host_s / double(timed) * 1e6 : 0.0;
   return std::vector<int32_t>(slots, slots + count);
 }
 

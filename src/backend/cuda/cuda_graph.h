@@ -9,6 +9,10 @@
 // given. The graph ends by picking the greedy token into the input slot of the next step and
 // incrementing the delta, so a replay needs no host-to-device copy at all.
 //
+// Greedy generation launches several steps recorded back to back in one graph: between graph
+// launches the GPU idles (the graph's end, the token's copy to the host, the next graph's start)
+// and the first product of a step cannot prefetch its weights under the previous step's tail.
+//
 // The caches are StaticKVCache: preallocated to a fixed capacity (the recorded graph holds
 // their addresses), filled by the ordinary prefill, and advanced on the host after each replay.
 #pragma once
@@ -48,8 +52,12 @@ class StaticKVCache final : public KeyValueCache {
 
 class DecodeGraph {
  public:
+  static constexpr int kMaxStepsPerLaunch = 16;
+
   // `capacity`: positions the caches hold (prompt + generated tokens). Batch 1.
-  DecodeGraph(MoxinVLM& model, int64_t capacity);
+  // `steps_per_launch`: steps in the recording generate_greedy launches while at least that many
+  // tokens are wanted (1: one step per launch; 0: the default, 4 or MOXIN_CUDA_GRAPH_STEPS).
+  DecodeGraph(MoxinVLM& model, int64_t capacity, int steps_per_launch = 0);
   ~DecodeGraph();
   DecodeGraph(const DecodeGraph&) = delete;
   DecodeGraph& operator=(const DecodeGraph&) = delete;
@@ -62,23 +70,26 @@ class DecodeGraph {
 
   // Greedy generation after a prefill whose logits [1, n, vocab] (GPU) end at the cache's
   // offset: the first token is the argmax of the last row, each next one is picked inside the
-  // graph. Only one int32 per token crosses to the host. Returns the `count` tokens.
+  // graph. Only one int32 per token crosses to the host. Returns the `count` tokens, the same
+  // whatever the steps per launch.
   std::vector<int32_t> generate_greedy(const Tensor& prefill_logits, int count);
 
-  // Host time spent per replay (launch + token readback issue), microseconds, last generation.
+  // Host time spent per token (launches + token readback issue), microseconds, last generation.
   double host_us_per_token() const { return host_us_per_token_; }
   bool recorded() const { return exec_ != nullptr; }
 
  private:
   void record();
-  void replay();
+  void launch(int steps);  // 1, or the many-step recording's count
+  int64_t room() const;    // positions left in the caches
   void check_room() const;
 
   MoxinVLM& model_;
   KVCacheList caches_;
   struct Impl;
   std::unique_ptr<Impl> impl_;
-  void* exec_ = nullptr;  // cudaGraphExec_t
+  void* exec_ = nullptr;  // cudaGraphExec_t of one step
+  int steps_per_launch_ = 1;
   double host_us_per_token_ = 0;
 };
 

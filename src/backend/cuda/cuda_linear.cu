@@ -508,26 +508,32 @@ using TuneKey = std::tuple<int64_t, int64_t, int>;  // N, K, weight kind
 
 std::atomic<int> forced_variant{-1};
 
+// Calls take(item) for each item of the environment variable `name`, a list separated by ','
+// or ';' (for scripts that split their own lists on commas); warns of items it refuses.
+template <class Take>
+void for_each_env_item(const char* name, const Take& take) {
+  const char* v = std::getenv(name);
+  if (!v) return;
+  std::string items = v;
+  std::replace(items.begin(), items.end(), ';', ',');
+  std::istringstream spec(items);
+  for (std::string item; std::getline(spec, item, ',');)
+    if (!take(item)) std::fprintf(stderr, "moxin: %s: ignored '%s'\n", name, item.c_str());
+}
+
 // MOXIN_CUDA_GEMV_VARIANTS="N:K:kind=v,...": the variant of those shapes, untimed (keys as the
 // tune log prints them), to compare variants inside a decode step: the tuner times each
-// product alone, back to back, where the smaller ones' weights stay in L2. Items may also be
-// separated by ';' (for scripts that split their own lists on commas).
+// product alone, back to back, where the smaller ones' weights stay in L2.
 const std::map<TuneKey, int>& pinned_variants() {
   static const std::map<TuneKey, int> pinned = [] {
     std::map<TuneKey, int> out;
-    const char* v = std::getenv("MOXIN_CUDA_GEMV_VARIANTS");
-    if (!v) return out;
-    std::string items = v;
-    std::replace(items.begin(), items.end(), ';', ',');
-    std::istringstream spec(items);
-    for (std::string item; std::getline(spec, item, ',');) {
+    for_each_env_item("MOXIN_CUDA_GEMV_VARIANTS", [&](const std::string& item) {
       long long n = 0, k = 0;
       int kind = 0, variant = 0;
-      if (std::sscanf(item.c_str(), "%lld:%lld:%d=%d", &n, &k, &kind, &variant) == 4)
-        out[TuneKey{n, k, kind}] = variant;
-      else
-        std::fprintf(stderr, "moxin: MOXIN_CUDA_GEMV_VARIANTS: ignored '%s'\n", item.c_str());
-    }
+      if (std::sscanf(item.c_str(), "%lld:%lld:%d=%d", &n, &k, &kind, &variant) != 4) return false;
+      out[TuneKey{n, k, kind}] = variant;
+      return true;
+    });
     return out;
   }();
   return pinned;
@@ -1417,6 +1423,24 @@ void launch_multi_tuned(const float* x, const std::vector<const Linear*>& layers
   run(tuned_variant(TuneKey{total, K, 1000 * (kGated ? 2 : 1) + kBits}, 3, run));
 }
 
+// MOXIN_CUDA_FIXED_BLOCKS="N:K=blocks,...": at most that many blocks for the fixed-point
+// products of N outputs (gated: N gate rows) and K inputs, to measure inside a decode step what
+// the SMs a product leaves free to its neighbours are worth (diagnostic; every tile is still
+// computed, the resident warps take more of them).
+const std::map<std::pair<int64_t, int64_t>, int64_t>& fixed_block_caps() {
+  static const std::map<std::pair<int64_t, int64_t>, int64_t> caps = [] {
+    std::map<std::pair<int64_t, int64_t>, int64_t> out;
+    for_each_env_item("MOXIN_CUDA_FIXED_BLOCKS", [&](const std::string& item) {
+      long long n = 0, k = 0, blocks = 0;
+      if (std::sscanf(item.c_str(), "%lld:%lld=%lld", &n, &k, &blocks) != 3) return false;
+      out[{n, k}] = blocks;
+      return true;
+    });
+    return out;
+  }();
+  return caps;
+}
+
 // stage_bytes: one step of one warp's ring (fixed_stage_bytes), as the kernel lays it out.
 template <int kBits, int R, int kUnroll, bool kGated, bool kBf16Params, int kStages>
 void launch_fixed_kernel(const float* x, const GemvSegments& s, int64_t K, const RMSNorm* norm,
@@ -1441,7 +1465,12 @@ void launch_fixed_kernel(const float* x, const GemvSegments& s, int64_t K, const
   MOXIN_CUDA_CHECK(
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kFixedWarps * 32, smem));
   const int64_t resident = int64_t(std::max(per_sm, 1)) * properties().multiProcessorCount;
-  const int64_t blocks = std::min((s.units + kFixedWarps - 1) / kFixedWarps, resident);
+  int64_t blocks = std::min((s.units + kFixedWarps - 1) / kFixedWarps, resident);
+  int64_t rows = s.seg[0].N;
+  if (!kGated)
+    for (int i = 1; i < s.count; ++i) rows += s.seg[i].N;
+  if (auto it = fixed_block_caps().find({rows, K}); it != fixed_block_caps().end())
+    blocks = std::clamp<int64_t>(it->second, 1, blocks);
   launch_pdl(kernel, unsigned(blocks), kFixedWarps * 32, smem, x, s, K,
              norm ? norm->weight.data<float>() : nullptr, norm ? norm->eps : 0.0f);
 }
