@@ -325,13 +325,16 @@ void DecodeGraph::record() {
   rewind(1);
 }
 
-void DecodeGraph::launch(int steps) {
+int DecodeGraph::launch(int steps) {
   Impl& s = *impl_;
   if (!exec_) {
     // Recording advances the host caches by one position, which the first launch then fills.
     record();
     steps = 1;
   } else {
+    if (steps != 1 && steps != s.many_steps)
+      throw_error(ErrorKind::Compute, "decode graph: no recording of " + std::to_string(steps) +
+                                          " steps");
     // The caches may have been reset and refilled since the last launch: the device delta must
     // say where this launch sits relative to the recording.
     const int want = int(caches_[0]->offset() - s.capture_offset);
@@ -346,6 +349,7 @@ void DecodeGraph::launch(int steps) {
   MOXIN_CUDA_CHECK(cudaGraphLaunch(steps == 1 ? static_cast<cudaGraphExec_t>(exec_) : s.many,
                                    stream()));
   s.delta_host += steps;  // the graph's last kernel advances the device copy the same way
+  return steps;
 }
 
 Tensor DecodeGraph::step(int32_t token) {
@@ -381,11 +385,11 @@ std::vector<int32_t> DecodeGraph::generate_greedy(const Tensor& prefill_logits, 
   for (int i = 1; i < count;) {
     check_room();
     // The many-step recording while the tokens still wanted and the caches' room allow it.
-    const int steps = s.many && count - i >= s.many_steps && room() >= s.many_steps
-                          ? s.many_steps : 1;
+    const int wanted = s.many && count - i >= s.many_steps && room() >= s.many_steps
+                           ? s.many_steps : 1;
     const bool first = !exec_;
     const auto start = Clock::now();
-    launch(steps);
+    const int steps = launch(wanted);
     // The launch leaves its tokens in `picked`: queue their copy, never wait for it here.
     MOXIN_CUDA_CHECK(cudaMemcpyAsync(slots + i, s.picked.raw(), sizeof(int32_t) * size_t(steps),
                                      cudaMemcpyDeviceToHost, stream()));

@@ -80,7 +80,9 @@ class DecodeGraph {
 
  private:
   void record();
-  void launch(int steps);  // 1, or the many-step recording's count
+  // Queues `steps` steps (1, or the many-step recording's count) at the caches' offset; the
+  // first call records and launches one step. Returns the steps launched.
+  int launch(int steps);
   int64_t room() const;    // positions left in the caches
   void check_room() const;
 
