@@ -208,6 +208,21 @@ TEST_P(CudaParity, GreedyTokensMatchWhereTheGapIsClear) {
 INSTANTIATE_TEST_SUITE_P(Variants, CudaParity,
                          ::testing::Values("tiny-hf", "tiny-native", "tiny-f32", "real-towers"));
 
+// The real-towers parity fixture's prompt and images (for tests that quantize its checkpoint).
+struct RealTowersInputs {
+  nlohmann::json meta;
+  Tensor input, pd, ps;
+  RealTowersInputs() {
+    const auto fixture = test::fixtures_dir() / "parity" / "real-towers";
+    meta = nlohmann::json::parse(std::ifstream(fixture / "meta.json"));
+    const auto ids = meta["input_ids"].get<std::vector<int32_t>>();
+    input = Tensor::empty({1, int64_t(ids.size())}, DType::I32);
+    std::copy(ids.begin(), ids.end(), input.data_mut<int32_t>());
+    pd = npy::load(fixture / "pixel_dino.npy");
+    ps = npy::load(fixture / "pixel_siglip.npy");
+  }
+};
+
 // A decoder quantized at load (MLX affine, 4 and 8 bits) gives the same logits on both paths:
 // the prefill through dequantized bf16 products, the decode step through the fused GEMV; and
 // the recorded decode step (programmatic dependent launch inside the graph for quantized
@@ -216,12 +231,8 @@ TEST(CudaQuantized, QuantizedModelMatchesCpu) {
   MOXIN_SKIP_WITHOUT_GPU();
   const auto dir = test::checkpoint_dir("real-towers");
   if (dir.empty()) GTEST_SKIP() << "real-towers checkpoint not generated";
-  const auto meta = nlohmann::json::parse(std::ifstream(test::fixtures_dir() / "parity" / "real-towers" / "meta.json"));
-  const auto ids = meta["input_ids"].get<std::vector<int32_t>>();
-  Tensor input = Tensor::empty({1, int64_t(ids.size())}, DType::I32);
-  std::copy(ids.begin(), ids.end(), input.data_mut<int32_t>());
-  const Tensor pd = npy::load(test::fixtures_dir() / "parity" / "real-towers" / "pixel_dino.npy");
-  const Tensor ps = npy::load(test::fixtures_dir() / "parity" / "real-towers" / "pixel_siglip.npy");
+  const RealTowersInputs in;
+  const auto& [meta, input, pd, ps] = in;
   for (int bits : {4, 8}) {
     MoxinVLM cpu_model = load_model(dir);
     cpu_model.quantize(64, bits);
@@ -260,12 +271,8 @@ TEST(CudaGraph, ManyStepLaunchesPickTheTokensOfSingleSteps) {
   MOXIN_SKIP_WITHOUT_GPU();
   const auto dir = test::checkpoint_dir("real-towers");
   if (dir.empty()) GTEST_SKIP() << "real-towers checkpoint not generated";
-  const auto meta = nlohmann::json::parse(std::ifstream(test::fixtures_dir() / "parity" / "real-towers" / "meta.json"));
-  const auto ids = meta["input_ids"].get<std::vector<int32_t>>();
-  Tensor input = Tensor::empty({1, int64_t(ids.size())}, DType::I32);
-  std::copy(ids.begin(), ids.end(), input.data_mut<int32_t>());
-  const Tensor pd = npy::load(test::fixtures_dir() / "parity" / "real-towers" / "pixel_dino.npy");
-  const Tensor ps = npy::load(test::fixtures_dir() / "parity" / "real-towers" / "pixel_siglip.npy");
+  const RealTowersInputs in;
+  const auto& [meta, input, pd, ps] = in;
   constexpr int kCount = 11;
   for (int bits : {4, 0}) {
     MoxinVLM model = load_model(dir);
