@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -161,10 +160,7 @@ namespace {
 // MOXIN_CUDA_GRAPH_STEPS=N: decode steps per launch of the many-step recording (1: one step per
 // launch, the comparison baseline).
 int default_steps_per_launch() {
-  static const int steps = [] {
-    const char* v = std::getenv("MOXIN_CUDA_GRAPH_STEPS");
-    return v ? std::clamp(std::atoi(v), 1, DecodeGraph::kMaxStepsPerLaunch) : 4;
-  }();
+  static const int steps = setting("MOXIN_CUDA_GRAPH_STEPS", 4, 1, DecodeGraph::kMaxStepsPerLaunch);
   return steps;
 }
 

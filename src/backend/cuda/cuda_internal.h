@@ -41,6 +41,8 @@ const cudaDeviceProp& properties();
 // Whether the diagnostic switch `name` (an environment variable) is set to 0: the backend's
 // optional paths (MOXIN_CUDA_PDL, MOXIN_CUDA_RECORD, ...) are on unless switched off this way.
 bool switched_off(const char* name);
+// The integer setting `name` (an environment variable) clamped to [lo, hi], or `fallback` unset.
+int setting(const char* name, int fallback, int lo, int hi);
 
 cublasLtHandle_t cublaslt();
 // Scratch for cuBLASLt, allocated once so that matmuls never allocate (and stay capturable).

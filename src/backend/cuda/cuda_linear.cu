@@ -1466,11 +1466,13 @@ void launch_fixed_kernel(const float* x, const GemvSegments& s, int64_t K, const
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kFixedWarps * 32, smem));
   const int64_t resident = int64_t(std::max(per_sm, 1)) * properties().multiProcessorCount;
   int64_t blocks = std::min((s.units + kFixedWarps - 1) / kFixedWarps, resident);
-  int64_t rows = s.seg[0].N;
-  if (!kGated)
-    for (int i = 1; i < s.count; ++i) rows += s.seg[i].N;
-  if (auto it = fixed_block_caps().find({rows, K}); it != fixed_block_caps().end())
-    blocks = std::clamp<int64_t>(it->second, 1, blocks);
+  if (!fixed_block_caps().empty()) {
+    int64_t rows = s.seg[0].N;
+    if (!kGated)
+      for (int i = 1; i < s.count; ++i) rows += s.seg[i].N;
+    if (auto it = fixed_block_caps().find({rows, K}); it != fixed_block_caps().end())
+      blocks = std::clamp<int64_t>(it->second, 1, blocks);
+  }
   launch_pdl(kernel, unsigned(blocks), kFixedWarps * 32, smem, x, s, K,
              norm ? norm->weight.data<float>() : nullptr, norm ? norm->eps : 0.0f);
 }
@@ -1478,10 +1480,8 @@ void launch_fixed_kernel(const float* x, const GemvSegments& s, int64_t K, const
 // MOXIN_CUDA_FIXED_RING_STAGES=N: no ring deeper than N steps (3: the shallowest everywhere,
 // the comparison baseline).
 int fixed_ring_stages_limit() {
-  static const int limit = [] {
-    const char* v = std::getenv("MOXIN_CUDA_FIXED_RING_STAGES");
-    return v ? std::clamp(std::atoi(v), kFixedStages, kFixedMaxStages) : kFixedMaxStages;
-  }();
+  static const int limit =
+      setting("MOXIN_CUDA_FIXED_RING_STAGES", kFixedMaxStages, kFixedStages, kFixedMaxStages);
   return limit;
 }
 

@@ -139,6 +139,10 @@ bool switched_off(const char* name) {
   const char* v = std::getenv(name);
   return v && v[0] == '0';
 }
+int setting(const char* name, int fallback, int lo, int hi) {
+  const char* v = std::getenv(name);
+  return v ? std::clamp(std::atoi(v), lo, hi) : fallback;
+}
 bool pdl_enabled() {
   static const bool enabled = properties().major >= 9 && !switched_off("MOXIN_CUDA_PDL");
   return enabled;
