@@ -146,8 +146,9 @@ if [[ $what != tests ]]; then
     # Decode at bf16 and 4-bit with and without one change, in turn: "old" runs set $AB_ENV
     # (e.g. MOXIN_X=1), or run $AB_BIN (a baseline binary carried in the build's dist) instead.
     i=0
-    # $AB_RUNS: "BITS new|old|NAME=VALUE|old+NAME=VALUE" items separated by commas (default:
-    # bf16 and 4-bit, twice each); NAME=VALUE runs the new binary with that variable set.
+    # $AB_RUNS: "BITS new|old|extra|NAME=VALUE|old+NAME=VALUE" items separated by commas
+    # (default: bf16 and 4-bit, twice each); NAME=VALUE runs the new binary with that variable
+    # set; "extra" runs the second build pack_dist.sh carried (EXTRA_BIN).
     IFS=, read -r -a runs <<<"${AB_RUNS:-16 new,16 old,4 new,4 old,16 new,16 old,4 new,4 old}"
     for run in "${runs[@]}"; do
       set -- $run
@@ -160,6 +161,7 @@ if [[ $what != tests ]]; then
       # "old+NAME=VALUE": the baseline binary with that variable set.
       cfg=""; [[ $2 == old ]] && cfg="${AB_ENV:-}"; [[ $2 == *=* ]] && cfg="${2#old+}"
       bin="$dist/moxin-vlm"; [[ $2 == old* && -n ${AB_BIN:-} ]] && bin="$dist/$AB_BIN"
+      [[ $2 == extra ]] && bin="$dist/moxin-vlm-extra"
       env $cfg MOXIN_CUDA_TUNE_LOG=1 timeout 200 "$bin" bench --model /tmp/moxin-full \
         --device cuda --prompt-tokens 24 --decode-tokens 128 "${quant[@]}" \
         >"$out/dab_$i.json" 2>"$out/dab_$i.err"

@@ -15,6 +15,8 @@ for t in "${tests[@]}"; do cp "$build/tests/$t" "$build/dist/"; done
 cp "$(ldconfig -p | awk '/libsentencepiece.so.0 /{print $NF; exit}')" "$build/dist/"
 # A baseline binary for same-call comparisons (device_run.sh decode_ab, AB_BIN), when given.
 [[ -n ${BASE_BIN:-} ]] && cp "$BASE_BIN" "$build/dist/moxin-vlm-base" && strip "$build/dist/moxin-vlm-base"
+# A second build of the change (another compile-time choice), run by decode_ab's "extra" items.
+[[ -n ${EXTRA_BIN:-} ]] && cp "$EXTRA_BIN" "$build/dist/moxin-vlm-extra" && strip "$build/dist/moxin-vlm-extra"
 strip "$build/dist/moxin-vlm" "${tests[@]/#/$build/dist/}"
 # xz's largest window finds the binaries' shared library code once: 21-24 MB instead of 41 MB
 # with a baseline binary and the three CUDA tests (about 1.5 minutes of CPU).

@@ -996,12 +996,14 @@ template <int kBits>
 using FixedWord = std::conditional_t<kBits == 4, uint4, uint2>;
 
 // Writes x (times norm_weight) in fixed point; returns this thread's share of sum x^2.
-template <int kBits>
+// after_first_loads() runs once, when the loads of the first pass are issued and before any
+// of them is used.
+template <int kBits, class AfterFirstLoads>
 __device__ __forceinline__ float convert_activations(const float* __restrict__ x,
                                                      const float* __restrict__ norm_weight,
                                                      int64_t K, int group_size,
-                                                     float2* chunk_params,
-                                                     FixedWord<kBits>* xq) {
+                                                     float2* chunk_params, FixedWord<kBits>* xq,
+                                                     const AfterFirstLoads& after_first_loads) {
   constexpr int kPerWord = 32 / kBits;
   const int64_t words = K / kPerWord, chunks = words / 4;
   const int lanes_per_group = group_size / kPerWord;  // 4..32, a power of two
@@ -1025,6 +1027,7 @@ __device__ __forceinline__ float convert_activations(const float* __restrict__ x
                                   : make_float4(0.f, 0.f, 0.f, 0.f);
       }
     }
+    if (pass == 0) after_first_loads();
 #pragma unroll
     for (int b = 0; b < kWordsInFlight; ++b) {
       const int64_t w = pass + int64_t(b) * blockDim.x + threadIdx.x;
@@ -1245,13 +1248,19 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   };
 
   // Weights are constant: the first steps may be in flight before the predecessor kernel
-  // finishes (programmatic dependent launch) and while x is being converted.
+  // finishes (programmatic dependent launch). The loads of x after the wait queue behind them
+  // and land after them, so with nothing more in flight the SM's share of the memory bus
+  // would idle while x is converted: the ring's last slot is filled right behind the loads of
+  // x and streams during the conversion (H100: 4-bit +1.0%, 8-bit +0.8%; two slots behind x
+  // and one fewer before the wait measured the same at 4 bits and 1.4% slower at 8,
+  // bench/GPU_NOTES.md run 15).
 #pragma unroll
   for (int p = 0; p < kStages - 1; ++p) issue(p);
   pdl_wait();
   pdl_trigger();
 
-  float sum_sq = convert_activations<kBits>(x, norm_weight, K, segs.group_size, chunk_params, xq);
+  float sum_sq = convert_activations<kBits>(x, norm_weight, K, segs.group_size, chunk_params, xq,
+                                            [&] { issue(kStages - 1); });
   __shared__ float warp_sums[kFixedWarps];
   if (norm_weight) {
     for (int o = 16; o > 0; o >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, o);
@@ -1277,10 +1286,12 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   int row_phase[RT];
   float residual_ahead = 0.0f;
   for (int64_t s = 0; s < steps; ++s) {
-    copy_async_wait<kStages - 2>();  // this lane's copies of step s have landed
+    // This lane's copies of step s have landed (at s = 0 those of step 1 too, which were in
+    // flight before x's loads).
+    copy_async_wait<kStages - 2>();
     __syncwarp();  // and every lane's (the parameters are shared), and step s - 1 is consumed
-    // The slot step s - 1 used is free again.
-    issue(s + kStages - 1);
+    // The slot step s - 1 used is free again (the ring's slots are all taken at s = 0).
+    if (s > 0) issue(s + kStages - 1);
     if (computed.round == 0) {
       tile = tile_of(computed.tile);
       const GemvSegment& s0 = segs.seg[tile.si];
@@ -1553,8 +1564,13 @@ void launch_multi_fixed(const float* x, const std::vector<const Linear*>& layers
   // Not the three-row variant: timed alone, it was the fastest for q/k/v at 8 bits and for
   // lm_head (9 against 11 us, 51 against 52), but slower inside the decode graph (H100: 273.6
   // against 279.7 tok/s, bench/GPU_NOTES.md run 12).
+  // q/k/v at 4 bits: the first variant, untimed. Alone the variants time within 3% of each
+  // other (8-9 us on an H100), and a run's tuner sometimes took the second, which decodes
+  // slower inside the graph (H100: 444.2 against 452.6-453.8 tok/s in run 12, 452.6 against
+  // 462.5 for the same binary in run 15; bench/GPU_NOTES.md).
+  const int untimed = kBits == 4 && !kGated ? 0 : -1;
   run(tuned_variant(TuneKey{total, K, 3000 * (kGated ? 2 : 1) + kBits}, fixed_variants(kGated),
-                    run));
+                    run, untimed));
 }
 
 // y (+ residual) = x W^T + bias for a single row of x.
