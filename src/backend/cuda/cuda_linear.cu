@@ -1248,12 +1248,12 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   };
 
   // Weights are constant: the first steps may be in flight before the predecessor kernel
-  // finishes (programmatic dependent launch). The loads of x after the wait queue behind them
-  // and land after them, so with nothing more in flight the SM's share of the memory bus
-  // would idle while x is converted: the ring's last slot is filled right behind the loads of
-  // x and streams during the conversion (H100: 4-bit +1.0%, 8-bit +0.8%; two slots behind x
-  // and one fewer before the wait measured the same at 4 bits and 1.4% slower at 8,
-  // bench/GPU_NOTES.md run 15).
+  // finishes (programmatic dependent launch). The loads of x after the wait land only about
+  // when those have (they seem to queue behind them), so with nothing more in flight the SM's
+  // share of the memory bus would idle while x is converted: the ring's last slot is filled
+  // right behind the loads of x and streams during the conversion (H100: 4-bit +1.0%, 8-bit
+  // +0.8%; two slots behind x and one fewer before the wait measured the same at 4 bits and
+  // 2.2% slower at 8, bench/GPU_NOTES.md run 15).
 #pragma unroll
   for (int p = 0; p < kStages - 1; ++p) issue(p);
   pdl_wait();
