@@ -266,11 +266,12 @@ TEST(CudaOps, WideQuantizedFusedProductsMatchCpu) {
   cuda::set_gemv_variant_for_testing(-1);
 }
 
-// Single-row 4/8-bit products run on activations in 16-bit fixed point per weight group. Each
-// output must lie within float rounding plus the stated bound 2^-16 sum_g max|x_g| sum_k |s q_k|
-// of the exact product (double precision, from the dequantized weights), for every variant and
-// group size, with and without the folded RMSNorm, and with one large outlier per group (the
-// worst case for a per-group step). A non-finite activation makes the outputs NaN. The wide
+// Single-row 4/8-bit products run on activations in 16-bit fixed point per 16-byte chunk of
+// codes (128 / bits activations). Each output must lie within float rounding plus the stated
+// bound 2^-16 sum_c max|x_c| sum_k |s q_k| of the exact product (double precision, from the
+// dequantized weights), for every variant and group size, with and without the folded RMSNorm,
+// and with one large outlier per group (the worst case for the chunk that holds it), a chunk
+// of zeros and one of values near the float's smallest normal. A non-finite activation makes the outputs NaN. The wide
 // rows take more than one pass of the activation conversion and shallower staging rings (every
 // ring depth is reached by some variant at one of the two widths).
 TEST(CudaOps, FixedPointProductsStayWithinTheirBound) {
@@ -282,13 +283,14 @@ TEST(CudaOps, FixedPointProductsStayWithinTheirBound) {
     const std::vector<float> y = gpu_y.to_device(Device::CPU).to_vector();
     const std::vector<float> w = dequantize(q).to_vector();
     const std::vector<float> b = q.biases.to_vector();
-    const int64_t groups = K / q.group_size;
+    const int64_t groups = K / q.group_size, chunk = 128 / q.bits;
     int reported = 0;
     for (int64_t n = 0; n < N; ++n) {
       double exact = 0.0, magnitude = 0.0, bound = 0.0;
-      for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t c = 0; c < K / chunk; ++c) {
+        const int64_t g = c * chunk / q.group_size;  // chunks lie within one group
         double peak = 0.0, weights = 0.0;
-        for (int64_t k = g * q.group_size; k < (g + 1) * q.group_size; ++k) {
+        for (int64_t k = c * chunk; k < (c + 1) * chunk; ++k) {
           const double wk = w[size_t(n * K + k)];
           exact += wk * xn[size_t(k)];
           magnitude += std::fabs(wk * xn[size_t(k)]);
@@ -319,6 +321,8 @@ TEST(CudaOps, FixedPointProductsStayWithinTheirBound) {
           std::vector<float> xv = random_tensor({K}, ++seed).to_vector();
           for (int64_t g = 0; g < K / group; ++g)
             xv[size_t(g * group + (g * 7) % group)] *= 100.0f;
+          // A chunk of zeros and one of values whose step's reciprocal overflows a float.
+          for (int64_t k = 0; k < 64; ++k) xv[size_t(k)] = k < 32 ? 0.0f : xv[size_t(k)] * 1e-37f;
           const Tensor x = Tensor::from_vector({1, K}, xv);
           check(ops::linear(gpu(x), layer), xv, q, what);
           // Folded norm (one segment through the fused launch): the bound is on the normed

@@ -900,17 +900,18 @@ __global__ void __launch_bounds__(kGemvThreads)
 //
 // Dequantizing in float costs about three instructions per weight (byte permute, subtract,
 // FMA), which the float kernels above pay on every weight. Here each block first converts x
-// (times the norm weight, when a norm is folded in) to 16-bit fixed point per weight group, as
-// the CPU VNNI kernels do: dx = max|x_g| / 32767, xq = round(x / dx). The codes then multiply
+// (times the norm weight, when a norm is folded in) to 16-bit fixed point per 16-byte chunk of
+// codes (32 activations at 4 bits, 16 at 8; the CPU VNNI kernels use one step per weight
+// group, which is coarser): dx = max|x_c| / 32767, xq = round(x / dx). The codes then multiply
 // as integers with dp4a (four 8 x 8-bit products and an add in one instruction; xq is
 // 256 hi + lo, two byte planes, so each code meets two dp4a):
 //     sum_k (s q_k + b) x_k  =  s dx sum_k q_k xq_k + b sum_k x_k + error,
 // the integer sums exact and |x_k - dx xq_k| <= dx / 2, so each output is within
-// 2^-16 sum_g max|x_g| sum_k |s q_k| of the float product (checked by the tests). A 4-bit word
+// 2^-16 sum_c max|x_c| sum_k |s q_k| of the float product (checked by the tests). A 4-bit word
 // splits into its even and odd nibbles with two masks: 8 weights in 6 instructions.
-// A group holding inf or NaN makes the outputs NaN.
+// A chunk holding inf or NaN makes the outputs NaN.
 //
-// Shared memory: {dx of the group, sum of x} per chunk, then the fixed-point activations,
+// Shared memory: {dx, sum of x} per chunk, then the fixed-point activations,
 // word-major within 16-byte chunks of codes ((word j of chunk c) at j * chunks + c) so that the
 // lanes of a warp, which read consecutive chunks, never hit the same bank; then a staging ring
 // per warp. After the conversion each warp takes R rows at a time (R gate and R up rows when
@@ -984,10 +985,6 @@ __device__ __forceinline__ int dp4a_lo(uint32_t x_bytes, uint32_t codes, int acc
   asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(d) : "r"(x_bytes), "r"(codes), "r"(acc));
   return d;
 }
-__device__ __forceinline__ uint32_t pack_bytes(int b0, int b1, int b2, int b3) {
-  return (uint32_t(b0) & 0xffu) | ((uint32_t(b1) & 0xffu) << 8) | ((uint32_t(b2) & 0xffu) << 16) |
-         (uint32_t(b3) << 24);
-}
 
 // One word of fixed-point activations per word of codes, as byte planes (xq = 256 hi + lo, hi
 // signed, lo unsigned). 4-bit: {hi of the even codes 0 2 4 6, hi of the odd 1 3 5 7, lo even,
@@ -995,29 +992,34 @@ __device__ __forceinline__ uint32_t pack_bytes(int b0, int b1, int b2, int b3) {
 template <int kBits>
 using FixedWord = std::conditional_t<kBits == 4, uint4, uint2>;
 
+// Adding 1.5 * 2^23 to v, |v| < 2^22, in one FMA leaves round-to-nearest-even(v) in the 16 low
+// bits of the sum's pattern (the integer step is the sum's last place): the conversion
+// instruction it replaces runs at a quarter of the FMA rate.
+constexpr float kRoundingShift = 12582912.0f;
+
 // Writes x (times norm_weight) in fixed point; returns this thread's share of sum x^2.
 // after_first_loads() runs once, when the loads of the first pass are issued and before any
 // of them is used.
 template <int kBits, class AfterFirstLoads>
 __device__ __forceinline__ float convert_activations(const float* __restrict__ x,
                                                      const float* __restrict__ norm_weight,
-                                                     int64_t K, int group_size,
-                                                     float2* chunk_params, FixedWord<kBits>* xq,
+                                                     int64_t K, float2* chunk_params,
+                                                     FixedWord<kBits>* xq,
                                                      const AfterFirstLoads& after_first_loads) {
   constexpr int kPerWord = 32 / kBits;
-  const int64_t words = K / kPerWord, chunks = words / 4;
-  const int lanes_per_group = group_size / kPerWord;  // 4..32, a power of two
+  const int words = int(K / kPerWord), chunks = words / 4;
+  const int threads = int(blockDim.x), thread = int(threadIdx.x);
   // Each thread's words of one pass are loaded before any is converted: converting each word
   // as it arrived cost a round trip to L2 per word after the wait, which down_proj's K (3.5
   // words per thread at 4 bits, 7 at 8 bits) paid in turn.
   constexpr int kVecs = kPerWord / 4;           // float4 per word
   constexpr int kWordsInFlight = 8 / kVecs;     // per thread and pass: 8 float4 loads
   float sum_sq = 0.0f;
-  for (int64_t pass = 0; pass < words; pass += int64_t(kWordsInFlight) * blockDim.x) {
+  for (int pass = 0; pass < words; pass += kWordsInFlight * threads) {
     float4 loaded[kWordsInFlight][kVecs], gains[kWordsInFlight][kVecs];
 #pragma unroll
     for (int b = 0; b < kWordsInFlight; ++b) {
-      const int64_t w = pass + int64_t(b) * blockDim.x + threadIdx.x;
+      const int w = pass + b * threads + thread;
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
         loaded[b][i] = w < words ? reinterpret_cast<const float4*>(x + w * kPerWord)[i]
@@ -1030,11 +1032,10 @@ __device__ __forceinline__ float convert_activations(const float* __restrict__ x
     if (pass == 0) after_first_loads();
 #pragma unroll
     for (int b = 0; b < kWordsInFlight; ++b) {
-      const int64_t w = pass + int64_t(b) * blockDim.x + threadIdx.x;
+      const int w = pass + b * threads + thread;
       // The same for every thread, so the whole block leaves (the shuffles below need whole
       // warps); threads past the end within the last words go on as inactive.
-      if (pass + int64_t(b) * blockDim.x >= words) break;
-      const bool active = w < words;
+      if (pass + b * threads >= words) break;
       float v[kPerWord];
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) {
@@ -1055,41 +1056,38 @@ __device__ __forceinline__ float convert_activations(const float* __restrict__ x
         peak = fmaxf(peak, fabsf(v[i]));
         chunk_sum += v[i];
       }
-      // The lanes of one chunk (4 words) and of one group are consecutive and aligned
-      // (blockDim.x is a multiple of 32).
-      for (int o = 1; o < 4; o <<= 1) chunk_sum += __shfl_xor_sync(0xffffffffu, chunk_sum, o);
-      float group_sum = chunk_sum;
-      for (int o = 1; o < lanes_per_group; o <<= 1) {
+      // The four words of a chunk are on four consecutive lanes, aligned (blockDim.x is a
+      // multiple of 32, words a multiple of 4).
+#pragma unroll
+      for (int o = 1; o < 4; o <<= 1) {
         peak = fmaxf(peak, __shfl_xor_sync(0xffffffffu, peak, o));
-        if (o >= 4) group_sum += __shfl_xor_sync(0xffffffffu, group_sum, o);
+        chunk_sum += __shfl_xor_sync(0xffffffffu, chunk_sum, o);
       }
-      if (!active) continue;
-      // fmaxf drops NaN, the sums keep it (and inf); such a group's outputs become NaN.
-      const bool finite = isfinite(group_sum) && isfinite(peak);
-      const float inv = finite && peak > 0.0f ? 32767.0f / peak : 0.0f;
-      int q[kPerWord];
+      if (w >= words) continue;
+      // fmaxf drops NaN, the sum keeps it (and inf): such a chunk's outputs become NaN, as do
+      // those of a chunk beyond 2^126, whose reciprocal the fast division would flush. A chunk
+      // below 2^-100 counts as zero (32767 / peak would overflow further down).
+      const bool finite = isfinite(chunk_sum) && peak <= 0x1p126f;
+      const float inv = finite && peak >= 0x1p-100f ? __fdividef(32767.0f, peak) : 0.0f;
+      // Byte 1 of each pattern is the high byte of xq (signed), byte 0 the low one.
+      uint32_t p[kPerWord];
 #pragma unroll
-      for (int i = 0; i < kPerWord; ++i) q[i] = finite ? __float2int_rn(v[i] * inv) : 0;
-      int hi[kPerWord], lo[kPerWord];
-#pragma unroll
-      for (int i = 0; i < kPerWord; ++i) {
-        lo[i] = q[i] & 0xff;
-        hi[i] = q[i] >> 8;  // arithmetic: q = 256 hi + lo
-      }
+      for (int i = 0; i < kPerWord; ++i) p[i] = __float_as_uint(fmaf(v[i], inv, kRoundingShift));
       FixedWord<kBits> word;
       if constexpr (kBits == 4) {
-        word = make_uint4(pack_bytes(hi[0], hi[2], hi[4], hi[6]),
-                          pack_bytes(hi[1], hi[3], hi[5], hi[7]),
-                          pack_bytes(lo[0], lo[2], lo[4], lo[6]),
-                          pack_bytes(lo[1], lo[3], lo[5], lo[7]));
+        // {hi, hi, lo, lo} of codes (0, 2), (4, 6), (1, 3), (5, 7), then regrouped.
+        const uint32_t e0 = __byte_perm(p[0], p[2], 0x4051), e1 = __byte_perm(p[4], p[6], 0x4051);
+        const uint32_t o0 = __byte_perm(p[1], p[3], 0x4051), o1 = __byte_perm(p[5], p[7], 0x4051);
+        word = make_uint4(__byte_perm(e0, e1, 0x5410), __byte_perm(o0, o1, 0x5410),
+                          __byte_perm(e0, e1, 0x7632), __byte_perm(o0, o1, 0x7632));
       } else {
-        word = make_uint2(pack_bytes(hi[0], hi[1], hi[2], hi[3]),
-                          pack_bytes(lo[0], lo[1], lo[2], lo[3]));
+        const uint32_t a = __byte_perm(p[0], p[1], 0x4051), c = __byte_perm(p[2], p[3], 0x4051);
+        word = make_uint2(__byte_perm(a, c, 0x5410), __byte_perm(a, c, 0x7632));
       }
-      xq[(w % 4) * chunks + w / 4] = word;
-      if (w % 4 == 0)
-        chunk_params[w / 4] =
-            make_float2(peak / 32767.0f, finite ? chunk_sum : __int_as_float(0x7fc00000));
+      xq[(w & 3) * chunks + (w >> 2)] = word;
+      if ((w & 3) == 0)
+        chunk_params[w >> 2] = make_float2(peak * (1.0f / 32767.0f),
+                                          finite ? chunk_sum : __int_as_float(0x7fc00000));
     }
   }
   return sum_sq;
@@ -1259,7 +1257,7 @@ __global__ void __launch_bounds__(kFixedWarps * 32)
   pdl_wait();
   pdl_trigger();
 
-  float sum_sq = convert_activations<kBits>(x, norm_weight, K, segs.group_size, chunk_params, xq,
+  float sum_sq = convert_activations<kBits>(x, norm_weight, K, chunk_params, xq,
                                             [&] { issue(kStages - 1); });
   __shared__ float warp_sums[kFixedWarps];
   if (norm_weight) {
