@@ -1065,8 +1065,9 @@ __device__ __forceinline__ float convert_activations(const float* __restrict__ x
       }
       if (w >= words) continue;
       // fmaxf drops NaN, the sum keeps it (and inf): such a chunk's outputs become NaN, as do
-      // those of a chunk beyond 2^126, whose reciprocal the fast division would flush. A chunk
-      // below 2^-100 counts as zero (32767 / peak would overflow further down).
+      // those of a chunk beyond 2^126, whose reciprocal the fast division would flush to zero.
+      // A chunk below 2^-100 counts as zero (32767 / peak overflows a float below about
+      // 2^-113).
       const bool finite = isfinite(chunk_sum) && peak <= 0x1p126f;
       const float inv = finite && peak >= 0x1p-100f ? __fdividef(32767.0f, peak) : 0.0f;
       // Byte 1 of each pattern is the high byte of xq (signed), byte 0 the low one.
