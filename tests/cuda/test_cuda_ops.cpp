@@ -271,9 +271,10 @@ TEST(CudaOps, WideQuantizedFusedProductsMatchCpu) {
 // bound 2^-16 sum_c max|x_c| sum_k |s q_k| of the exact product (double precision, from the
 // dequantized weights), for every variant and group size, with and without the folded RMSNorm,
 // and with one large outlier per group (the worst case for the chunk that holds it), a chunk
-// of zeros and one of values near the float's smallest normal. A non-finite activation makes the outputs NaN. The wide
-// rows take more than one pass of the activation conversion and shallower staging rings (every
-// ring depth is reached by some variant at one of the two widths).
+// of zeros and one of values near the float's smallest normal. A non-finite activation makes
+// the outputs NaN. The wide rows take more than one pass of the activation conversion and
+// shallower staging rings (every ring depth is reached by some variant at one of the two
+// widths).
 TEST(CudaOps, FixedPointProductsStayWithinTheirBound) {
   MOXIN_SKIP_WITHOUT_GPU();
   uint32_t seed = 900;
