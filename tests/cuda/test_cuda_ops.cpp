@@ -133,20 +133,21 @@ TEST(CudaOps, QuantizedLinearMatchesDequantizedReference) {
                      " group=" + std::to_string(c.group));
   }
   // Scales and biases stored as float32 or float16 (the decode kernels read bf16 ones on a
-  // path of their own).
+  // path of their own), one row (fixed point) and many (expanded to bf16 for cuBLASLt).
   for (const DType params : {DType::F32, DType::F16})
-    for (const int bits : {4, 8}) {
-      const Tensor w = random_tensor({33, 4352}, ++seed, 0.05f).to(DType::BF16);
-      QuantizedTensor q = quantize(w, 64, bits);
-      q.scales = q.scales.to(params);
-      q.biases = q.biases.to(params);
-      const Linear reference{dequantize(q), Tensor(), nullptr};
-      const Tensor x = random_tensor({1, 4352}, ++seed);
-      expect_close(ops::linear(gpu(x), gpu_quantized(q)), ops::linear(x, reference),
-                   kFixedPointTol,
-                   "quantized linear, " + std::string(dtype_name(params)) + " parameters, bits=" +
-                       std::to_string(bits));
-    }
+    for (const int bits : {4, 8})
+      for (const int64_t M : {1, 33}) {
+        const Tensor w = random_tensor({33, 4352}, ++seed, 0.05f).to(DType::BF16);
+        QuantizedTensor q = quantize(w, 64, bits);
+        q.scales = q.scales.to(params);
+        q.biases = q.biases.to(params);
+        const Linear reference{dequantize(q), Tensor(), nullptr};
+        const Tensor x = random_tensor({M, 4352}, ++seed);
+        expect_close(ops::linear(gpu(x), gpu_quantized(q)), ops::linear(x, reference),
+                     M == 1 ? kFixedPointTol : 1e-2,
+                     "quantized linear, " + std::string(dtype_name(params)) +
+                         " parameters, bits=" + std::to_string(bits) + " M=" + std::to_string(M));
+      }
 }
 
 #if MOXIN_WITH_CUDA

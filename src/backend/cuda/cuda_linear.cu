@@ -12,6 +12,7 @@
 #include <map>
 #include <mutex>
 #include <algorithm>
+#include <bit>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -301,31 +302,46 @@ __global__ void __launch_bounds__(kGemvThreads)
   block_reduce_store<M, R>(acc, n0, N, bias, residual, y);
 }
 
-// Word-wise expansion for 4- and 8-bit codes (a word never straddles a group): one thread per
-// packed word, one 16- or 8-byte store of bf16 per thread.
+// Expansion of 4- and 8-bit codes: one thread per eight weights (one word of 4-bit codes, two
+// of 8-bit), which lie in one group, stored as one 16-byte bf16 chunk, so that a warp writes
+// 512 contiguous bytes; indices in 32 bits. (A 64-bit division per word, and 8-byte stores at
+// 8 bits, kept the previous version well short of the copy rate; so did 32 weights per thread,
+// whose strided stores tied up the L1: bench/GPU_NOTES.md run 16.) The weights are s q + b in
+// float, rounded once to bf16.
 template <int kBits>
-__global__ void dequantize_words_bf16_kernel(const uint32_t* __restrict__ packed,
-                                             const void* __restrict__ scales,
-                                             const void* __restrict__ biases, DType param_dtype,
-                                             int group_size, int64_t N, int64_t K,
-                                             __nv_bfloat16* __restrict__ out) {
-  constexpr int kPerWord = 32 / kBits;
-  const int64_t words_per_row = K / kPerWord, total = N * words_per_row, groups = K / group_size;
-  for (int64_t w = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; w < total;
-       w += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t n = w / words_per_row, k0 = (w - n * words_per_row) * kPerWord;
-    const int64_t g = n * groups + k0 / group_size;
+__global__ void dequantize_eights_bf16_kernel(const void* __restrict__ packed,
+                                              const void* __restrict__ scales,
+                                              const void* __restrict__ biases, DType param_dtype,
+                                              int group_shift, uint32_t eights_per_row,
+                                              uint32_t groups_per_row, uint32_t total,
+                                              __nv_bfloat16* __restrict__ out) {
+  using Codes = std::conditional_t<kBits == 4, uint32_t, uint2>;
+  constexpr uint32_t kMask = (1u << kBits) - 1u;
+  for (uint32_t e = blockIdx.x * blockDim.x + threadIdx.x; e < total;
+       e += gridDim.x * blockDim.x) {
+    const uint32_t n = e / eights_per_row, k0 = (e - n * eights_per_row) * 8;
+    const uint32_t g = n * groups_per_row + (k0 >> group_shift);
     const float s = load_f32(scales, param_dtype, g), b = load_f32(biases, param_dtype, g);
-    const uint32_t word = __ldcs(packed + w);
-    __nv_bfloat16 v[kPerWord];
+    const Codes raw = __ldcs(static_cast<const Codes*>(packed) + e);
+    uint32_t codes[8];
 #pragma unroll
-    for (int j = 0; j < kPerWord; ++j)
-      v[j] = __float2bfloat16(s * float((word >> (kBits * j)) & ((1u << kBits) - 1u)) + b);
-    if constexpr (kBits == 4) {
-      *reinterpret_cast<uint4*>(out + w * kPerWord) = *reinterpret_cast<const uint4*>(v);
-    } else {
-      *reinterpret_cast<uint2*>(out + w * kPerWord) = *reinterpret_cast<const uint2*>(v);
+    for (int i = 0; i < 8; ++i) {
+      if constexpr (kBits == 4) {
+        codes[i] = (raw >> (4 * i)) & kMask;
+      } else {
+        codes[i] = ((i < 4 ? raw.x : raw.y) >> (8 * (i % 4))) & kMask;
+      }
     }
+    uint32_t pairs[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      // A code as a float: or-ed into 2^23's mantissa, then an exact subtraction.
+      const float q0 = __uint_as_float(0x4B000000u | codes[2 * i]) - 8388608.0f;
+      const float q1 = __uint_as_float(0x4B000000u | codes[2 * i + 1]) - 8388608.0f;
+      const __nv_bfloat162 v = __floats2bfloat162_rn(fmaf(s, q0, b), fmaf(s, q1, b));
+      pairs[i] = *reinterpret_cast<const uint32_t*>(&v);
+    }
+    reinterpret_cast<uint4*>(out)[e] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
   }
 }
 
@@ -1664,17 +1680,14 @@ Tensor dequantized_bf16(const QuantizedTensor& q) {
   const int64_t N = q.out_features(), K = q.in_features();
   Tensor dense = Tensor::empty({N, K}, DType::BF16, Device::CUDA);
   auto* dense_p = static_cast<__nv_bfloat16*>(dense.raw_mut());
-  if (q.bits == 4 || q.bits == 8) {
-    const int64_t words = N * K * q.bits / 32;
-    if (q.bits == 4) {
-      dequantize_words_bf16_kernel<4><<<blocks_for(words, 256), 256, 0, stream()>>>(
-          q.weight.data<uint32_t>(), q.scales.raw(), q.biases.raw(), q.scales.dtype(),
-          q.group_size, N, K, dense_p);
-    } else {
-      dequantize_words_bf16_kernel<8><<<blocks_for(words, 256), 256, 0, stream()>>>(
-          q.weight.data<uint32_t>(), q.scales.raw(), q.biases.raw(), q.scales.dtype(),
-          q.group_size, N, K, dense_p);
-    }
+  const int64_t eights = N * K / 8;  // K is a multiple of the group size, at least 32
+  if ((q.bits == 4 || q.bits == 8) && eights < (int64_t(1) << 31)) {
+    const int group_shift = std::countr_zero(unsigned(q.group_size));  // a power of two
+    auto* kernel =
+        q.bits == 4 ? dequantize_eights_bf16_kernel<4> : dequantize_eights_bf16_kernel<8>;
+    kernel<<<blocks_for(eights, 256), 256, 0, stream()>>>(
+        q.weight.raw(), q.scales.raw(), q.biases.raw(), q.scales.dtype(), group_shift,
+        uint32_t(K / 8), uint32_t(K / q.group_size), uint32_t(eights), dense_p);
   } else {
     dequantize_bf16_kernel<<<blocks_for(N * K, 256), 256, 0, stream()>>>(
         static_cast<const uint8_t*>(q.weight.raw()), q.scales.raw(), q.biases.raw(),
