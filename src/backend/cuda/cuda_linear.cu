@@ -306,8 +306,8 @@ __global__ void __launch_bounds__(kGemvThreads)
 // of 8-bit), which lie in one group, stored as one 16-byte bf16 chunk, so that a warp writes
 // 512 contiguous bytes; indices in 32 bits. (A 64-bit division per word, and 8-byte stores at
 // 8 bits, kept the previous version well short of the copy rate; so did 32 weights per thread,
-// whose strided stores tied up the L1: bench/GPU_NOTES.md run 16.) The weights are s q + b in
-// float, rounded once to bf16.
+// whose strided stores tied up the L1: bench/GPU_NOTES.md run 16.) Each weight is s q + b by
+// one float FMA, then rounded to bf16.
 template <int kBits>
 __global__ void dequantize_eights_bf16_kernel(const void* __restrict__ packed,
                                               const void* __restrict__ scales,
