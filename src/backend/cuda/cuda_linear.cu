@@ -316,29 +316,29 @@ __global__ void dequantize_eights_bf16_kernel(const void* __restrict__ packed,
                                               uint32_t groups_per_row, uint32_t total,
                                               __nv_bfloat16* __restrict__ out) {
   using Codes = std::conditional_t<kBits == 4, uint32_t, uint2>;
-  constexpr uint32_t kMask = (1u << kBits) - 1u;
   for (uint32_t e = blockIdx.x * blockDim.x + threadIdx.x; e < total;
        e += gridDim.x * blockDim.x) {
     const uint32_t n = e / eights_per_row, k0 = (e - n * eights_per_row) * 8;
     const uint32_t g = n * groups_per_row + (k0 >> group_shift);
     const float s = load_f32(scales, param_dtype, g), b = load_f32(biases, param_dtype, g);
     const Codes raw = __ldcs(static_cast<const Codes*>(packed) + e);
-    uint32_t codes[8];
+    float q[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
+    for (int j = 0; j < 4; ++j) {
       if constexpr (kBits == 4) {
-        codes[i] = (raw >> (4 * i)) & kMask;
+        // Even codes in the low nibbles, odd in the high ones, as chunk_dot splits them.
+        q[2 * j] = code_from_byte(raw & 0x0f0f0f0fu, j);
+        q[2 * j + 1] = code_from_byte((raw >> 4) & 0x0f0f0f0fu, j);
       } else {
-        codes[i] = ((i < 4 ? raw.x : raw.y) >> (8 * (i % 4))) & kMask;
+        q[j] = code_from_byte(raw.x, j);
+        q[4 + j] = code_from_byte(raw.y, j);
       }
     }
     uint32_t pairs[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      // A code as a float: or-ed into 2^23's mantissa, then an exact subtraction.
-      const float q0 = __uint_as_float(0x4B000000u | codes[2 * i]) - 8388608.0f;
-      const float q1 = __uint_as_float(0x4B000000u | codes[2 * i + 1]) - 8388608.0f;
-      const __nv_bfloat162 v = __floats2bfloat162_rn(fmaf(s, q0, b), fmaf(s, q1, b));
+      const __nv_bfloat162 v =
+          __floats2bfloat162_rn(fmaf(s, q[2 * i], b), fmaf(s, q[2 * i + 1], b));
       pairs[i] = *reinterpret_cast<const uint32_t*>(&v);
     }
     reinterpret_cast<uint4*>(out)[e] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
